@@ -1,0 +1,1 @@
+"""Command-line entry points: smallgpt-tokenize, smallgpt-train, smallgpt-sample."""

@@ -1,0 +1,564 @@
+"""The friendly tokenizer API over the Rust core (`smallgpt._bpe`).
+
+All heavy work (pre-tokenization, counting, merging, encoding, batch encoding) runs in Rust
+with the GIL released; this module converts arguments, reads and writes files, and keeps the
+tiktoken-style special-token rules.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import AbstractSet, Any, Collection, Iterable, Literal, Optional, Sequence, Union
+
+from smallgpt import _bpe
+
+PathLike = Union[str, "os.PathLike[str]"]
+SpecialSet = Union[Literal["all"], AbstractSet[str], Collection[str]]
+
+FORMAT_NAME = "smallgpt-tokenizer"
+FORMAT_VERSION = 1
+EOT = "<|endoftext|>"
+
+# Documents are fed to Rust in batches of about this many characters, so an iterable of texts
+# is streamed (never collected whole in Python) while each batch is counted in parallel.
+_TRAIN_BATCH_CHARS = 8 << 20
+
+# Special tokens of OpenAI's published vocabularies (tiktoken's values), by file-name stem.
+_OPENAI_SPECIALS: dict[str, dict[str, int]] = {
+    "r50k_base": {EOT: 50256},
+    "gpt2": {EOT: 50256},
+    "cl100k_base": {
+        EOT: 100257,
+        "<|fim_prefix|>": 100258,
+        "<|fim_middle|>": 100259,
+        "<|fim_suffix|>": 100260,
+        "<|endofprompt|>": 100276,
+    },
+    "o200k_base": {EOT: 199999, "<|endofprompt|>": 200018},
+}
+_OPENAI_PATTERNS = {
+    "r50k_base": "gpt2",
+    "gpt2": "gpt2",
+    "cl100k_base": "cl100k",
+    "o200k_base": "o200k",
+}
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map (used by encoder.json and HF byte-level)."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    mapping = {b: chr(b) for b in printable}
+    n = 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + n)
+            n += 1
+    return mapping
+
+
+def _atomic_write_text(path: PathLike, text: str) -> None:
+    """Writes a file through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _special_pairs(special_tokens: Any) -> list[tuple[str, int]]:
+    if not isinstance(special_tokens, dict):
+        raise ValueError("special_tokens must map each special token string to its id")
+    return [(str(k), int(v)) for k, v in special_tokens.items()]
+
+
+class Tokenizer:
+    """A byte-level BPE tokenizer (train, encode, decode, save, load, interop).
+
+    Build one with :meth:`train`, :meth:`load`, :meth:`from_gpt2`, :meth:`from_tiktoken` or
+    :meth:`from_huggingface`. Ids are tiktoken-style ranks: encoding merges, within each
+    pre-tokenized piece, the adjacent pair whose concatenation has the lowest id.
+    """
+
+    def __init__(self, core: _bpe.CoreTokenizer) -> None:
+        self._core = core
+        self._special_tokens: dict[str, int] = dict(core.special_tokens)
+
+    # ----------------------------------------------------------------------------- training
+
+    @classmethod
+    def train(
+        cls,
+        texts: Optional[Iterable[str]] = None,
+        *,
+        files: Optional[Sequence[PathLike]] = None,
+        vocab_size: int,
+        pattern: str = "gpt4",
+        special_tokens: Sequence[str] = (EOT,),
+        min_frequency: int = 2,
+        max_token_length: Optional[int] = None,
+        progress: bool = False,
+        errors: Literal["strict", "replace"] = "strict",
+        num_threads: Optional[int] = None,
+    ) -> Tokenizer:
+        """Learns a vocabulary of ``vocab_size`` ids (256 bytes + merges + special tokens).
+
+        Args:
+            texts: documents, any iterable of ``str``; streamed to Rust in batches.
+            files: paths of UTF-8 text files, each one document; read and counted in Rust.
+            vocab_size: total number of ids, special tokens included. Training may stop
+                earlier (``min_frequency``), giving a smaller vocabulary.
+            pattern: ``"gpt2"``, ``"cl100k"`` (alias ``"gpt4"``), ``"o200k"`` or a regex.
+            special_tokens: strings that get the ids after the merges, in this order.
+            min_frequency: stop when the best pair occurs fewer times than this.
+            max_token_length: never create a token longer than this many bytes.
+            progress: show a progress bar of the merges on stderr.
+            errors: ``"strict"`` raises ``ValueError`` on invalid UTF-8 in ``files`` (naming
+                the file and byte offset); ``"replace"`` substitutes U+FFFD.
+            num_threads: threads for counting (default: all cores). The result is the same
+                for any number.
+
+        Raises:
+            ValueError: vocab_size too small, bad arguments, invalid pattern or UTF-8.
+            FileNotFoundError: a file in ``files`` does not exist.
+            TypeError: an item of ``texts`` is not a ``str``.
+        """
+        if texts is None and files is None:
+            raise ValueError("pass texts (an iterable of str) or files (a list of paths)")
+        if isinstance(texts, (str, bytes)):
+            raise TypeError("texts must be an iterable of str, not a single string")
+        special_tokens = list(special_tokens)
+        if len(set(special_tokens)) != len(special_tokens):
+            raise ValueError("special_tokens contains duplicates")
+        if not isinstance(vocab_size, int) or vocab_size < 256 + len(special_tokens):
+            raise ValueError(
+                f"vocab_size must be an int >= 256 + {len(special_tokens)} special tokens "
+                f"= {256 + len(special_tokens)}, got {vocab_size!r}"
+            )
+        if not isinstance(min_frequency, int) or min_frequency < 0:
+            raise ValueError(f"min_frequency must be a non-negative int, got {min_frequency!r}")
+        if max_token_length is not None and (
+            not isinstance(max_token_length, int) or max_token_length < 2
+        ):
+            raise ValueError(f"max_token_length must be an int >= 2, got {max_token_length!r}")
+        if errors not in ("strict", "replace"):
+            raise ValueError(f"errors must be 'strict' or 'replace', not {errors!r}")
+
+        trainer = _bpe.Trainer(pattern, num_threads)
+        if files is not None:
+            if isinstance(files, (str, os.PathLike)):
+                files = [files]
+            trainer.feed_files([os.fspath(f) for f in files], errors)
+        if texts is not None:
+            batch: list[str] = []
+            size = 0
+            for t in texts:
+                if not isinstance(t, str):
+                    raise TypeError(f"texts must contain str, got {type(t).__name__}")
+                batch.append(t)
+                size += len(t)
+                if size >= _TRAIN_BATCH_CHARS:
+                    trainer.feed(batch)
+                    batch, size = [], 0
+            if batch:
+                trainer.feed(batch)
+        num_merges = vocab_size - 256 - len(special_tokens)
+        merges = trainer.train(num_merges, max(min_frequency, 1), max_token_length, progress)
+        first_special = 256 + len(merges)
+        specials = [(s, first_special + i) for i, s in enumerate(special_tokens)]
+        return cls(_bpe.CoreTokenizer.from_merges(merges, pattern, specials))
+
+    # ----------------------------------------------------------------------------- encoding
+
+    def _special_sets(
+        self, allowed_special: SpecialSet, disallowed_special: SpecialSet
+    ) -> tuple[set[str], set[str]]:
+        allowed = set(self._special_tokens) if allowed_special == "all" else set(allowed_special)
+        if disallowed_special == "all":
+            disallowed = set(self._special_tokens) - allowed
+        else:
+            disallowed = set(disallowed_special)
+        unknown = (allowed | disallowed) - set(self._special_tokens)
+        if unknown:
+            raise ValueError(f"not special tokens of this tokenizer: {sorted(unknown)}")
+        return allowed, disallowed
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Encodes text, treating special-token text as ordinary text."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be str, got {type(text).__name__}")
+        return self._core.encode_ordinary(text)
+
+    def encode(
+        self,
+        text: str,
+        *,
+        allowed_special: SpecialSet = frozenset(),
+        disallowed_special: SpecialSet = "all",
+    ) -> list[int]:
+        """Encodes text like tiktoken's ``Encoding.encode``.
+
+        Special tokens in ``allowed_special`` (or all, with ``"all"``) become their ids.
+        Text of a special token in ``disallowed_special`` (by default every special token
+        that is not allowed) raises ``ValueError``; pass ``disallowed_special=()`` to encode
+        it as ordinary text.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"text must be str, got {type(text).__name__}")
+        allowed, disallowed = self._special_sets(allowed_special, disallowed_special)
+        return self._core.encode(text, allowed, disallowed or None)
+
+    def encode_batch(
+        self,
+        texts: Sequence[str],
+        *,
+        allowed_special: SpecialSet = frozenset(),
+        disallowed_special: SpecialSet = "all",
+        num_threads: Optional[int] = None,
+    ) -> list[list[int]]:
+        """Encodes many texts in parallel (Rust threads, GIL released); same as ``encode``."""
+        if isinstance(texts, str):
+            raise TypeError("texts must be a sequence of str, not a single string")
+        texts = list(texts)
+        if not all(isinstance(t, str) for t in texts):
+            raise TypeError("texts must contain only str")
+        allowed, disallowed = self._special_sets(allowed_special, disallowed_special)
+        return self._core.encode_batch(texts, allowed, disallowed or None, num_threads)
+
+    def encode_ordinary_batch(
+        self, texts: Sequence[str], *, num_threads: Optional[int] = None
+    ) -> list[list[int]]:
+        """Encodes many texts in parallel, ignoring special tokens."""
+        return self.encode_batch(texts, disallowed_special=(), num_threads=num_threads)
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The bytes of a sequence of ids. Raises ``ValueError`` on an unknown id."""
+        if hasattr(ids, "tolist"):  # numpy arrays and torch tensors
+            ids = ids.tolist()
+        try:
+            return self._core.decode_bytes(list(ids))
+        except (OverflowError, TypeError) as e:
+            raise ValueError(f"token ids must be ints in [0, {self.vocab_size}): {e}") from None
+
+    def decode(self, ids: Iterable[int], errors: str = "replace") -> str:
+        """Decodes ids to text; invalid UTF-8 sequences are replaced by U+FFFD."""
+        return self.decode_bytes(ids).decode("utf-8", errors=errors)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes of a single token."""
+        return self.decode_bytes([token_id])
+
+    # ----------------------------------------------------------------------------- properties
+
+    @property
+    def vocab_size(self) -> int:
+        """One past the largest id (ordinary and special tokens)."""
+        return self._core.vocab_size
+
+    @property
+    def n_ordinary(self) -> int:
+        """Number of ordinary (byte and merged) tokens."""
+        return self._core.n_tokens
+
+    @property
+    def merges(self) -> list[tuple[int, int]]:
+        """The (left_id, right_id) pair each token from id 256 on was made of, in id order."""
+        return [tuple(m) for m in self._core.merges()]  # type: ignore[misc]
+
+    @property
+    def pattern(self) -> str:
+        """The pre-tokenization regex."""
+        return self._core.pattern
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """Special token strings and their ids."""
+        return dict(self._special_tokens)
+
+    @property
+    def eot_id(self) -> Optional[int]:
+        """The id of ``<|endoftext|>``, or None if this tokenizer has none."""
+        return self._special_tokens.get(EOT)
+
+    def __repr__(self) -> str:
+        return (
+            f"Tokenizer(vocab_size={self.vocab_size}, merges={self.n_ordinary - 256}, "
+            f"special_tokens={len(self._special_tokens)})"
+        )
+
+    # ----------------------------------------------------------------------------- our format
+
+    def to_json_str(self) -> str:
+        """The tokenizer as the JSON text that :meth:`save` writes."""
+        byte_order = list(self._core.byte_order())
+        head: dict[str, Any] = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "pattern": self.pattern,
+            "special_tokens": self._special_tokens,
+        }
+        if byte_order != list(range(256)):
+            head["byte_order"] = byte_order
+        body = json.dumps(head, indent=2, ensure_ascii=False)[:-2]
+        # One merge per line keeps the file readable and diffable.
+        merges = ",\n".join(f"    [{a}, {b}]" for a, b in self._core.merges())
+        return f'{body},\n  "merges": [\n{merges}\n  ]\n}}\n'
+
+    @classmethod
+    def from_json_str(cls, text: str, source: str = "<string>") -> Tokenizer:
+        """Builds a tokenizer from the JSON text of :meth:`to_json_str`."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{source}: not a JSON file: {e}") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+            raise ValueError(f"{source}: not a smallgpt tokenizer file")
+        if data.get("version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{source}: tokenizer format version {data.get('version')!r} is not supported "
+                f"(this smallgpt reads version {FORMAT_VERSION})"
+            )
+        try:
+            merges = [(int(a), int(b)) for a, b in data["merges"]]
+            specials = _special_pairs(data.get("special_tokens", {}))
+            pattern = data["pattern"]
+            byte_order = data.get("byte_order")
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{source}: malformed tokenizer file: {e}") from None
+        return cls(_bpe.CoreTokenizer.from_merges(merges, pattern, specials, byte_order))
+
+    def save(self, path: PathLike) -> None:
+        """Writes the tokenizer as one readable, versioned JSON file (atomically)."""
+        _atomic_write_text(path, self.to_json_str())
+
+    @classmethod
+    def load(cls, path: PathLike) -> Tokenizer:
+        """Reads a file written by :meth:`save`."""
+        text = Path(path).read_text(encoding="utf-8")
+        return cls.from_json_str(text, source=os.fspath(path))
+
+    # ----------------------------------------------------------------------------- interop
+
+    @classmethod
+    def from_gpt2(cls, encoder_json: PathLike, vocab_bpe: PathLike) -> Tokenizer:
+        """Loads OpenAI's GPT-2 files; ids equal tiktoken's ``gpt2`` encoding."""
+        byte_decoder = {c: b for b, c in _bytes_to_unicode().items()}
+
+        def to_bytes(s: str) -> bytes:
+            try:
+                return bytes(byte_decoder[c] for c in s)
+            except KeyError as e:
+                raise ValueError(f"{vocab_bpe}: not a byte-level BPE file ({e})") from None
+
+        encoder = json.loads(Path(encoder_json).read_text(encoding="utf-8"))
+        lines = Path(vocab_bpe).read_text(encoding="utf-8").split("\n")
+        if not lines or not lines[0].startswith("#version"):
+            raise ValueError(f"{vocab_bpe}: missing '#version' header")
+        # Byte tokens come in GPT-2's printable-first order; merged tokens follow vocab.bpe.
+        order = sorted(range(256), key=lambda b: ord(_bytes_to_unicode()[b]))
+        tokens = [bytes([b]) for b in order]
+        for line in lines[1:]:
+            if not line.strip():
+                continue
+            parts = line.split()
+            if len(parts) != 2:
+                raise ValueError(f"{vocab_bpe}: bad merge line {line!r}")
+            tokens.append(to_bytes(parts[0]) + to_bytes(parts[1]))
+        specials = {}
+        for s, i in encoder.items():
+            b = to_bytes(s) if s not in (EOT, "<|startoftext|>") else None
+            if b is None:
+                specials[s] = int(i)
+            elif i >= len(tokens) or tokens[i] != b:
+                raise ValueError(f"{encoder_json} does not match {vocab_bpe} at token {s!r}")
+        if len(encoder) - len(specials) != len(tokens):
+            raise ValueError(f"{encoder_json} and {vocab_bpe} have different sizes")
+        core = _bpe.CoreTokenizer.from_tokens(tokens, "gpt2", list(specials.items()))
+        return cls(core)
+
+    @classmethod
+    def from_tiktoken(
+        cls,
+        path: PathLike,
+        *,
+        pattern: Optional[str] = None,
+        special_tokens: Optional[dict[str, int]] = None,
+    ) -> Tokenizer:
+        """Loads a ``.tiktoken`` rank file (``base64-token rank`` per line).
+
+        The file holds neither the pattern nor the special tokens: for OpenAI's files
+        (``r50k_base``, ``cl100k_base``, ``o200k_base``, recognised by name) both default to
+        tiktoken's; otherwise ``pattern`` is required and ``special_tokens`` defaults to none.
+        """
+        stem = Path(path).name.split(".")[0]
+        if pattern is None:
+            if stem not in _OPENAI_PATTERNS:
+                raise ValueError(
+                    f"{path}: pass pattern=... (a .tiktoken file does not record its regex)"
+                )
+            pattern = _OPENAI_PATTERNS[stem]
+        if special_tokens is None:
+            special_tokens = _OPENAI_SPECIALS.get(stem, {})
+        ranked: dict[int, bytes] = {}
+        with open(path, "rb") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    token, rank = line.split()
+                    ranked[int(rank)] = base64.b64decode(token, validate=True)
+                except ValueError:
+                    raise ValueError(f"{path}:{lineno}: not a tiktoken rank line") from None
+        if sorted(ranked) != list(range(len(ranked))):
+            raise ValueError(f"{path}: ranks are not 0..{len(ranked) - 1}")
+        tokens = [ranked[i] for i in range(len(ranked))]
+        return cls(_bpe.CoreTokenizer.from_tokens(tokens, pattern, _special_pairs(special_tokens)))
+
+    def save_tiktoken(self, path: PathLike) -> None:
+        """Writes the ordinary tokens as a ``.tiktoken`` rank file (special tokens and the
+        pattern are not part of that format)."""
+        lines = (
+            f"{base64.b64encode(t).decode('ascii')} {i}\n"
+            for i, t in enumerate(self._core.token_bytes())
+        )
+        _atomic_write_text(path, "".join(lines))
+
+    def save_huggingface(self, path: PathLike) -> None:
+        """Writes a Hugging Face ``tokenizer.json`` that encodes identically.
+
+        Rank semantics are expressed with HF's BPE model as ``ignore_merges`` (a piece that is
+        a token is taken whole) plus one merge for every way each token splits into two
+        tokens, ordered by the token's id, so the lowest-id concatenation is merged first.
+        """
+        b2u = _bytes_to_unicode()
+        tokens = self._core.token_bytes()
+        ranks = {t: i for i, t in enumerate(tokens)}
+
+        def u(b: bytes) -> str:
+            return "".join(b2u[x] for x in b)
+
+        merges = []
+        for i, t in enumerate(tokens):
+            splits = [
+                (ranks[t[:k]], ranks[t[k:]])
+                for k in range(1, len(t))
+                if t[:k] in ranks and t[k:] in ranks
+            ]
+            merges.extend((i, lr, rr) for lr, rr in sorted(splits))
+        data = {
+            "version": "1.0",
+            "truncation": None,
+            "padding": None,
+            "added_tokens": [
+                {
+                    "id": i,
+                    "content": s,
+                    "single_word": False,
+                    "lstrip": False,
+                    "rstrip": False,
+                    "normalized": False,
+                    "special": True,
+                }
+                for s, i in sorted(self._special_tokens.items(), key=lambda kv: kv[1])
+            ],
+            "normalizer": None,
+            "pre_tokenizer": {
+                "type": "Sequence",
+                "pretokenizers": [
+                    {
+                        "type": "Split",
+                        "pattern": {"Regex": self.pattern},
+                        "behavior": "Isolated",
+                        "invert": False,
+                    },
+                    {
+                        "type": "ByteLevel",
+                        "add_prefix_space": False,
+                        "trim_offsets": True,
+                        "use_regex": False,
+                    },
+                ],
+            },
+            "post_processor": None,
+            "decoder": {
+                "type": "ByteLevel",
+                "add_prefix_space": False,
+                "trim_offsets": True,
+                "use_regex": False,
+            },
+            "model": {
+                "type": "BPE",
+                "dropout": None,
+                "unk_token": None,
+                "continuing_subword_prefix": None,
+                "end_of_word_suffix": None,
+                "fuse_unk": False,
+                "byte_fallback": False,
+                "ignore_merges": True,
+                "vocab": {u(t): i for i, t in enumerate(tokens)},
+                "merges": [[u(tokens[lr]), u(tokens[rr])] for _, lr, rr in merges],
+            },
+        }
+        _atomic_write_text(path, json.dumps(data, ensure_ascii=False, indent=1))
+
+    @classmethod
+    def from_huggingface(cls, path: PathLike) -> Tokenizer:
+        """Loads a byte-level BPE ``tokenizer.json`` (ours, GPT-2-style, or tiktoken-style).
+
+        The ids must be ranks (each merged token's id above its parts'), as in every
+        byte-level BPE tokenizer.json made by training or conversion.
+        """
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            model = data["model"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not a Hugging Face tokenizer.json ({e})") from None
+        if model.get("type") != "BPE":
+            raise ValueError(f"{path}: model type {model.get('type')!r} is not BPE")
+        u2b = {c: b for b, c in _bytes_to_unicode().items()}
+        specials = {
+            t["content"]: int(t["id"]) for t in data.get("added_tokens", []) if t.get("special")
+        }
+        vocab = model["vocab"]
+        by_id: dict[int, bytes] = {}
+        for s, i in vocab.items():
+            if s in specials:
+                continue
+            try:
+                by_id[int(i)] = bytes(u2b[c] for c in s)
+            except KeyError:
+                raise ValueError(f"{path}: token {s!r} is not byte-level") from None
+        if sorted(by_id) != list(range(len(by_id))):
+            raise ValueError(f"{path}: ordinary token ids are not 0..{len(by_id) - 1}")
+        pattern = _pattern_of_hf_pretokenizer(data.get("pre_tokenizer"), path)
+        tokens = [by_id[i] for i in range(len(by_id))]
+        return cls(_bpe.CoreTokenizer.from_tokens(tokens, pattern, list(specials.items())))
+
+
+def _pattern_of_hf_pretokenizer(pre: Any, path: PathLike) -> str:
+    """The split regex of a HF byte-level pre-tokenizer configuration."""
+    if not isinstance(pre, dict):
+        raise ValueError(f"{path}: no pre_tokenizer to take the split pattern from")
+    steps = pre["pretokenizers"] if pre.get("type") == "Sequence" else [pre]
+    for step in steps:
+        if step.get("type") == "Split":
+            pat = step.get("pattern", {})
+            if "Regex" in pat:
+                return pat["Regex"]
+            return re.escape(pat.get("String", ""))
+        if step.get("type") == "ByteLevel" and step.get("use_regex", True):
+            return "gpt2"  # HF's byte-level regex is GPT-2's
+    raise ValueError(f"{path}: unsupported pre_tokenizer (need a Split regex or ByteLevel)")

@@ -1,0 +1,458 @@
+//! Encoding and decoding with a byte-level BPE vocabulary, under tiktoken's rank semantics:
+//! a piece that is itself a token becomes that token; otherwise, starting from single bytes,
+//! the adjacent pair whose concatenation has the lowest rank (= id) is merged, leftmost first
+//! on ties, until no adjacent pair concatenates to a token.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashSet};
+
+use rustc_hash::FxHashMap;
+
+use crate::error::{Error, Result};
+use crate::pretokenize::Pretokenizer;
+
+pub type Rank = u32;
+
+/// Pieces longer than this use the heap-based merge, which is O(n log n) instead of O(n^2).
+const LONG_PIECE: usize = 128;
+
+/// A byte-level BPE vocabulary with its pre-tokenizer and special tokens.
+#[derive(Debug, Clone)]
+pub struct Encoder {
+    /// id -> bytes, for ids `0..tokens.len()`. Byte strings are distinct.
+    tokens: Vec<Vec<u8>>,
+    /// bytes -> id; the id doubles as the merge rank.
+    ranks: FxHashMap<Vec<u8>, Rank>,
+    /// id of each single byte (identity for trained vocabularies).
+    byte_ids: [Rank; 256],
+    specials: FxHashMap<String, Rank>,
+    special_by_id: FxHashMap<Rank, String>,
+    /// Matches any special token (leftmost-first, longest listed first); `None` without specials.
+    special_regex: Option<regex::Regex>,
+    pretokenizer: Pretokenizer,
+}
+
+impl Encoder {
+    /// Builds an encoder from the token byte strings indexed by id. Every one of the 256 single
+    /// bytes must be a token and no byte string may appear twice; special token ids must not
+    /// collide with vocabulary ids or each other.
+    pub fn new(
+        tokens: Vec<Vec<u8>>,
+        specials: Vec<(String, Rank)>,
+        pretokenizer: Pretokenizer,
+    ) -> Result<Self> {
+        if tokens.len() > u32::MAX as usize / 2 {
+            return Err(Error::InvalidVocab("too many tokens".into()));
+        }
+        let mut ranks = FxHashMap::default();
+        ranks.reserve(tokens.len());
+        for (id, t) in tokens.iter().enumerate() {
+            if t.is_empty() {
+                return Err(Error::InvalidVocab(format!("token {id} is empty")));
+            }
+            if let Some(prev) = ranks.insert(t.clone(), id as Rank) {
+                return Err(Error::InvalidVocab(format!(
+                    "tokens {prev} and {id} have the same bytes {t:?}"
+                )));
+            }
+        }
+        let mut byte_ids = [0 as Rank; 256];
+        for (b, slot) in byte_ids.iter_mut().enumerate() {
+            *slot = *ranks
+                .get(&[b as u8][..])
+                .ok_or_else(|| Error::InvalidVocab(format!("byte {b:#04x} is not a token")))?;
+        }
+        let mut special_map = FxHashMap::default();
+        let mut special_by_id = FxHashMap::default();
+        for (s, id) in &specials {
+            if s.is_empty() {
+                return Err(Error::InvalidVocab("a special token is empty".into()));
+            }
+            if (*id as usize) < tokens.len() || special_by_id.contains_key(id) {
+                return Err(Error::InvalidVocab(format!(
+                    "special token {s:?} has id {id}, which is already taken"
+                )));
+            }
+            if special_map.insert(s.clone(), *id).is_some() {
+                return Err(Error::InvalidVocab(format!(
+                    "special token {s:?} is listed twice"
+                )));
+            }
+            special_by_id.insert(*id, s.clone());
+        }
+        let special_regex = build_literal_regex(specials.iter().map(|(s, _)| s.as_str()))?;
+        Ok(Encoder {
+            tokens,
+            ranks,
+            byte_ids,
+            specials: special_map,
+            special_by_id,
+            special_regex,
+            pretokenizer,
+        })
+    }
+
+    /// Number of ordinary (mergeable) tokens.
+    pub fn n_tokens(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// One past the largest id, special tokens included.
+    pub fn vocab_size(&self) -> usize {
+        let max_special = self
+            .special_by_id
+            .keys()
+            .max()
+            .map_or(0, |&m| m as usize + 1);
+        self.tokens.len().max(max_special)
+    }
+
+    pub fn tokens(&self) -> &[Vec<u8>] {
+        &self.tokens
+    }
+
+    pub fn specials(&self) -> &FxHashMap<String, Rank> {
+        &self.specials
+    }
+
+    pub fn pretokenizer(&self) -> &Pretokenizer {
+        &self.pretokenizer
+    }
+
+    pub fn rank(&self, bytes: &[u8]) -> Option<Rank> {
+        self.ranks.get(bytes).copied()
+    }
+
+    /// Encodes one pre-tokenized piece, appending ids to `out`.
+    pub fn encode_piece(&self, piece: &[u8], out: &mut Vec<Rank>) {
+        if let Some(&id) = self.ranks.get(piece) {
+            out.push(id);
+        } else if piece.len() == 1 {
+            out.push(self.byte_ids[piece[0] as usize]);
+        } else if piece.len() <= LONG_PIECE {
+            merge_short(&self.ranks, piece, Rank::MAX, |s, e| {
+                out.push(self.ranks[&piece[s..e]]);
+            });
+        } else {
+            merge_long(&self.ranks, piece, |s, e| {
+                out.push(self.ranks[&piece[s..e]])
+            });
+        }
+    }
+
+    /// Encodes text ignoring special tokens (their text is encoded as ordinary text).
+    pub fn encode_ordinary(&self, text: &str) -> Result<Vec<Rank>> {
+        let mut out = Vec::with_capacity(text.len() / 4 + 1);
+        self.encode_ordinary_into(text, &mut out)?;
+        Ok(out)
+    }
+
+    fn encode_ordinary_into(&self, text: &str, out: &mut Vec<Rank>) -> Result<()> {
+        self.pretokenizer
+            .for_each_piece(text, |p| self.encode_piece(p.as_bytes(), out))
+    }
+
+    /// Encodes text, turning the special tokens in `allowed` into their ids. If `disallowed`
+    /// is given, any occurrence of one of those special tokens is an error (tiktoken's check).
+    pub fn encode(
+        &self,
+        text: &str,
+        allowed: &HashSet<String>,
+        disallowed: Option<&HashSet<String>>,
+    ) -> Result<Vec<Rank>> {
+        if let Some(dis) = disallowed {
+            self.check_disallowed(text, dis)?;
+        }
+        let mut out = Vec::with_capacity(text.len() / 4 + 1);
+        let Some(special_regex) = self.special_regex.as_ref().filter(|_| !allowed.is_empty())
+        else {
+            self.encode_ordinary_into(text, &mut out)?;
+            return Ok(out);
+        };
+        let mut start = 0;
+        loop {
+            // The next allowed special token at or after `start`; specials that are not
+            // allowed are skipped and stay ordinary text.
+            let mut find_from = start;
+            let mut next = None;
+            while let Some(m) = special_regex.find_at(text, find_from) {
+                if allowed.contains(m.as_str()) {
+                    next = Some(m);
+                    break;
+                }
+                find_from = m.start() + text[m.start()..].chars().next().map_or(1, char::len_utf8);
+            }
+            let end = next.map_or(text.len(), |m| m.start());
+            self.encode_ordinary_into(&text[start..end], &mut out)?;
+            match next {
+                Some(m) => {
+                    out.push(self.specials[m.as_str()]);
+                    start = m.end();
+                }
+                None => return Ok(out),
+            }
+        }
+    }
+
+    fn check_disallowed(&self, text: &str, disallowed: &HashSet<String>) -> Result<()> {
+        if disallowed.is_empty() {
+            return Ok(());
+        }
+        for s in disallowed {
+            if !self.specials.contains_key(s) {
+                return Err(Error::Value(format!("{s:?} is not a special token")));
+            }
+        }
+        let found = if disallowed.len() == self.specials.len() {
+            self.special_regex
+                .as_ref()
+                .and_then(|r| r.find(text))
+                .map(|m| m.as_str().to_string())
+        } else {
+            build_literal_regex(disallowed.iter().map(String::as_str))?
+                .and_then(|r| r.find(text).map(|m| m.as_str().to_string()))
+        };
+        match found {
+            Some(s) => Err(Error::DisallowedSpecial(s)),
+            None => Ok(()),
+        }
+    }
+
+    /// The bytes of a sequence of ids (special tokens give their text).
+    pub fn decode_bytes(&self, ids: &[Rank]) -> Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(ids.len() * 4);
+        for &id in ids {
+            if let Some(t) = self.tokens.get(id as usize) {
+                out.extend_from_slice(t);
+            } else if let Some(s) = self.special_by_id.get(&id) {
+                out.extend_from_slice(s.as_bytes());
+            } else {
+                return Err(Error::UnknownId(id));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The (left, right) pair each token above the byte tokens was merged from, in id order.
+    /// For a trained vocabulary these are the recorded merges; for a loaded one (tiktoken,
+    /// GPT-2) they are recovered by running BPE on the token's bytes with only lower ranks,
+    /// which must stop at exactly two parts for a consistent BPE vocabulary.
+    pub fn derive_merges(&self) -> Result<Vec<(Rank, Rank)>> {
+        let mut merges = Vec::with_capacity(self.tokens.len().saturating_sub(256));
+        for (id, t) in self.tokens.iter().enumerate() {
+            if t.len() == 1 {
+                if id >= 256 {
+                    return Err(Error::InvalidVocab(format!(
+                        "byte token {id} is not below 256"
+                    )));
+                }
+                continue;
+            }
+            if id < 256 {
+                return Err(Error::InvalidVocab(format!(
+                    "token {id} below 256 is not a byte"
+                )));
+            }
+            let mut parts = Vec::with_capacity(2);
+            merge_short(&self.ranks, t, id as Rank, |s, e| {
+                parts.push(self.ranks[&t[s..e]])
+            });
+            if parts.len() != 2 {
+                return Err(Error::InvalidVocab(format!(
+                    "token {id} ({t:?}) is not the merge of two lower-ranked tokens"
+                )));
+            }
+            merges.push((parts[0], parts[1]));
+        }
+        Ok(merges)
+    }
+}
+
+/// A regex matching any of the literals, longest first so that a special token that is a
+/// prefix of another does not shadow it.
+fn build_literal_regex<'a>(lits: impl Iterator<Item = &'a str>) -> Result<Option<regex::Regex>> {
+    let mut lits: Vec<&str> = lits.collect();
+    if lits.is_empty() {
+        return Ok(None);
+    }
+    lits.sort_by(|a, b| b.len().cmp(&a.len()).then(a.cmp(b)));
+    let alt = lits
+        .iter()
+        .map(|s| regex::escape(s))
+        .collect::<Vec<_>>()
+        .join("|");
+    regex::Regex::new(&alt)
+        .map(Some)
+        .map_err(|e| Error::Value(e.to_string()))
+}
+
+/// BPE on a short piece: O(n^2) in the worst case but with tiny constants. Only tokens with
+/// rank below `max_rank` may be formed. Calls `emit(start, end)` for each final part.
+fn merge_short(
+    ranks: &FxHashMap<Vec<u8>, Rank>,
+    piece: &[u8],
+    max_rank: Rank,
+    mut emit: impl FnMut(usize, usize),
+) {
+    let rank_of = |s: usize, e: usize| -> Rank {
+        match ranks.get(&piece[s..e]) {
+            Some(&r) if r < max_rank => r,
+            _ => Rank::MAX,
+        }
+    };
+    // bounds[i]..bounds[i+1] is part i; pair_rank[i] is the rank of parts i and i+1 joined.
+    let mut bounds: Vec<usize> = (0..=piece.len()).collect();
+    let mut pair_rank: Vec<Rank> = (0..piece.len() - 1).map(|i| rank_of(i, i + 2)).collect();
+    loop {
+        let mut best = Rank::MAX;
+        let mut at = usize::MAX;
+        for (i, &r) in pair_rank.iter().enumerate() {
+            if r < best {
+                best = r;
+                at = i;
+            }
+        }
+        if best == Rank::MAX {
+            break;
+        }
+        bounds.remove(at + 1);
+        pair_rank.remove(at);
+        if at < pair_rank.len() {
+            pair_rank[at] = rank_of(bounds[at], bounds[at + 2]);
+        }
+        if at > 0 {
+            pair_rank[at - 1] = rank_of(bounds[at - 1], bounds[at + 1]);
+        }
+    }
+    for w in bounds.windows(2) {
+        emit(w[0], w[1]);
+    }
+}
+
+/// BPE on a long piece with a lazy min-heap over (rank, start) and a linked list of parts:
+/// O(n log n). Heap entries record the end of the pair they describe; an entry is stale when
+/// its left part was merged away or the pair no longer ends there.
+fn merge_long(ranks: &FxHashMap<Vec<u8>, Rank>, piece: &[u8], mut emit: impl FnMut(usize, usize)) {
+    let n = piece.len();
+    // Parts are named by their start offset; end[s] is the end of the part starting at s,
+    // prev[s] the start of the part before it. `alive` marks current part starts.
+    let mut end: Vec<usize> = (1..=n).collect();
+    let mut prev: Vec<usize> = (0..n).map(|i| i.wrapping_sub(1)).collect();
+    let mut alive = vec![true; n];
+    let mut heap: BinaryHeap<Reverse<(Rank, usize, usize)>> = BinaryHeap::with_capacity(n);
+    let push = |heap: &mut BinaryHeap<_>, s: usize, e: usize| {
+        if let Some(&r) = ranks.get(&piece[s..e]) {
+            heap.push(Reverse((r, s, e)));
+        }
+    };
+    for i in 0..n - 1 {
+        push(&mut heap, i, i + 2);
+    }
+    while let Some(Reverse((_, s, e))) = heap.pop() {
+        if !alive[s] {
+            continue;
+        }
+        let mid = end[s];
+        if mid >= n || end[mid] != e {
+            continue;
+        }
+        // Join the part at `s` with the part at `mid`.
+        alive[mid] = false;
+        end[s] = e;
+        if e < n {
+            prev[e] = s;
+            push(&mut heap, s, end[e]);
+        }
+        if s > 0 {
+            push(&mut heap, prev[s], e);
+        }
+    }
+    let mut s = 0;
+    while s < n {
+        emit(s, end[s]);
+        s = end[s];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn toy(merges: &[&[u8]]) -> Encoder {
+        let mut tokens: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
+        tokens.extend(merges.iter().map(|m| m.to_vec()));
+        Encoder::new(
+            tokens,
+            vec![("<|endoftext|>".into(), 256 + merges.len() as u32)],
+            Pretokenizer::new("gpt2").unwrap(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn lowest_rank_merges_first() {
+        let e = toy(&[b"bc", b"ab", b"abc"]);
+        // bc (256) beats ab (257); then a+bc = abc (258).
+        assert_eq!(e.encode_ordinary("abc").unwrap(), vec![258]);
+        assert_eq!(e.encode_ordinary("abd").unwrap(), vec![257, b'd' as u32]);
+    }
+
+    #[test]
+    fn long_and_short_paths_agree() {
+        let e = toy(&[b"aa", b"aaaa", b"ab", b"aaab"]);
+        for n in [1usize, 2, 3, 5, 127, 128, 129, 300, 1001] {
+            let s: String = "a".repeat(n) + "b";
+            let mut short = Vec::new();
+            merge_short(&e.ranks, s.as_bytes(), Rank::MAX, |a, b| short.push((a, b)));
+            let mut long = Vec::new();
+            merge_long(&e.ranks, s.as_bytes(), |a, b| long.push((a, b)));
+            assert_eq!(short, long, "n={n}");
+        }
+    }
+
+    #[test]
+    fn specials_allowed_and_disallowed() {
+        let e = toy(&[]);
+        let eot = 256;
+        let all: HashSet<String> = ["<|endoftext|>".to_string()].into();
+        let none = HashSet::new();
+        assert_eq!(
+            e.encode("a<|endoftext|>", &all, None).unwrap(),
+            vec![97, eot]
+        );
+        assert!(matches!(
+            e.encode("a<|endoftext|>", &none, Some(&all)),
+            Err(Error::DisallowedSpecial(_))
+        ));
+        assert!(e.encode("a<|endoftext|>", &none, None).unwrap().len() > 2);
+    }
+
+    #[test]
+    fn decode_unknown_id() {
+        let e = toy(&[]);
+        assert_eq!(
+            e.decode_bytes(&[104, 105, 256]).unwrap(),
+            b"hi<|endoftext|>"
+        );
+        assert!(matches!(
+            e.decode_bytes(&[9999]),
+            Err(Error::UnknownId(9999))
+        ));
+    }
+
+    #[test]
+    fn duplicate_tokens_rejected() {
+        let mut tokens: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
+        tokens.push(b"a".to_vec());
+        assert!(Encoder::new(tokens, vec![], Pretokenizer::new("gpt2").unwrap()).is_err());
+    }
+
+    #[test]
+    fn derive_merges_recovers_pairs() {
+        let e = toy(&[b"bc", b"ab", b"abc"]);
+        assert_eq!(
+            e.derive_merges().unwrap(),
+            vec![(98, 99), (97, 98), (97, 256)]
+        );
+    }
+}

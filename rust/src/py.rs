@@ -1,0 +1,378 @@
+//! Thin PyO3 bindings: argument conversion, GIL release, error mapping. No algorithm here.
+
+use std::collections::{HashMap, HashSet};
+use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
+
+use pyo3::exceptions::{PyFileNotFoundError, PyOSError, PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+use rayon::prelude::*;
+
+use crate::encoder::{Encoder, Rank};
+use crate::error::Error;
+use crate::pretokenize::{
+    resolve_pattern as resolve, Pretokenizer, CL100K_PATTERN, GPT2_PATTERN, O200K_PATTERN,
+};
+use crate::trainer::{self, PieceCounts, TrainOptions, Utf8Errors};
+
+fn to_py(err: Error) -> PyErr {
+    match err {
+        Error::NotFound(p) => {
+            PyFileNotFoundError::new_err(format!("no such file: {}", p.display()))
+        }
+        e @ Error::Io { .. } => PyOSError::new_err(e.to_string()),
+        e => PyValueError::new_err(e.to_string()),
+    }
+}
+
+/// Runs `f` without the GIL; a Rust panic becomes a RuntimeError instead of crossing into
+/// Python as a PanicException.
+fn run<T: Send>(py: Python<'_>, f: impl FnOnce() -> crate::Result<T> + Send) -> PyResult<T> {
+    py.allow_threads(|| std::panic::catch_unwind(AssertUnwindSafe(f)))
+        .map_err(|_| PyRuntimeError::new_err("internal error in smallgpt._bpe (please report it)"))?
+        .map_err(to_py)
+}
+
+fn pool(num_threads: Option<usize>) -> PyResult<Option<rayon::ThreadPool>> {
+    match num_threads {
+        None => Ok(None),
+        Some(0) => Err(PyValueError::new_err("num_threads must be at least 1")),
+        Some(n) => rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build()
+            .map(Some)
+            .map_err(|e| PyRuntimeError::new_err(e.to_string())),
+    }
+}
+
+fn in_pool<T: Send>(pool: &Option<rayon::ThreadPool>, f: impl FnOnce() -> T + Send) -> T {
+    match pool {
+        Some(p) => p.install(f),
+        None => f(),
+    }
+}
+
+/// The Rust tokenizer: a vocabulary, its pre-tokenizer and special tokens.
+#[pyclass(module = "smallgpt._bpe", frozen)]
+struct CoreTokenizer {
+    enc: Encoder,
+    /// Merges as recorded by training (None for loaded vocabularies: derived on demand).
+    merges: Option<Vec<(Rank, Rank)>>,
+}
+
+#[pymethods]
+impl CoreTokenizer {
+    /// Builds a tokenizer whose ids 0..255 are the bytes and whose token 256+k is merge k.
+    #[staticmethod]
+    #[pyo3(signature = (merges, pattern, special_tokens, byte_order=None))]
+    fn from_merges(
+        py: Python<'_>,
+        merges: Vec<(Rank, Rank)>,
+        pattern: &str,
+        special_tokens: Vec<(String, Rank)>,
+        byte_order: Option<Vec<u8>>,
+    ) -> PyResult<Self> {
+        let pretok = Pretokenizer::new(pattern).map_err(to_py)?;
+        run(py, move || {
+            let mut tokens = trainer::merge_bytes(&merges)?;
+            if let Some(order) = byte_order {
+                // Loaded vocabularies number the byte tokens in their own order.
+                if order.len() != 256 || order.iter().collect::<HashSet<_>>().len() != 256 {
+                    return Err(Error::InvalidVocab(
+                        "byte_order must be a permutation of 0..=255".into(),
+                    ));
+                }
+                let base: Vec<Vec<u8>> = order.iter().map(|&b| vec![b]).collect();
+                let mut rebuilt = base.clone();
+                for &(l, r) in &merges {
+                    let mut b = rebuilt[l as usize].clone();
+                    b.extend_from_slice(&rebuilt[r as usize]);
+                    rebuilt.push(b);
+                }
+                tokens = rebuilt;
+            }
+            let enc = Encoder::new(tokens, special_tokens, pretok)?;
+            Ok(CoreTokenizer {
+                enc,
+                merges: Some(merges),
+            })
+        })
+    }
+
+    /// Builds a tokenizer from token byte strings indexed by id (rank = id).
+    #[staticmethod]
+    fn from_tokens(
+        py: Python<'_>,
+        tokens: Vec<Vec<u8>>,
+        pattern: &str,
+        special_tokens: Vec<(String, Rank)>,
+    ) -> PyResult<Self> {
+        let pretok = Pretokenizer::new(pattern).map_err(to_py)?;
+        run(py, move || {
+            Ok(CoreTokenizer {
+                enc: Encoder::new(tokens, special_tokens, pretok)?,
+                merges: None,
+            })
+        })
+    }
+
+    fn encode_ordinary(&self, py: Python<'_>, text: &str) -> PyResult<Vec<Rank>> {
+        run(py, || self.enc.encode_ordinary(text))
+    }
+
+    #[pyo3(signature = (text, allowed, disallowed=None))]
+    fn encode(
+        &self,
+        py: Python<'_>,
+        text: &str,
+        allowed: HashSet<String>,
+        disallowed: Option<HashSet<String>>,
+    ) -> PyResult<Vec<Rank>> {
+        run(py, || self.enc.encode(text, &allowed, disallowed.as_ref()))
+    }
+
+    #[pyo3(signature = (texts, allowed, disallowed=None, num_threads=None))]
+    fn encode_batch(
+        &self,
+        py: Python<'_>,
+        texts: Vec<String>,
+        allowed: HashSet<String>,
+        disallowed: Option<HashSet<String>>,
+        num_threads: Option<usize>,
+    ) -> PyResult<Vec<Vec<Rank>>> {
+        let pool = pool(num_threads)?;
+        run(py, || {
+            in_pool(&pool, || {
+                texts
+                    .par_iter()
+                    .map(|t| self.enc.encode(t, &allowed, disallowed.as_ref()))
+                    .collect()
+            })
+        })
+    }
+
+    fn decode_bytes<'py>(&self, py: Python<'py>, ids: Vec<Rank>) -> PyResult<Bound<'py, PyBytes>> {
+        let bytes = run(py, || self.enc.decode_bytes(&ids))?;
+        Ok(PyBytes::new(py, &bytes))
+    }
+
+    /// The bytes of every ordinary token, indexed by id.
+    fn token_bytes<'py>(&self, py: Python<'py>) -> Vec<Bound<'py, PyBytes>> {
+        self.enc
+            .tokens()
+            .iter()
+            .map(|t| PyBytes::new(py, t))
+            .collect()
+    }
+
+    fn merges(&self, py: Python<'_>) -> PyResult<Vec<(Rank, Rank)>> {
+        match &self.merges {
+            Some(m) => Ok(m.clone()),
+            None => run(py, || self.enc.derive_merges()),
+        }
+    }
+
+    /// The id of each single byte value (identity for trained vocabularies).
+    fn byte_order(&self) -> Vec<u8> {
+        self.enc.tokens().iter().take(256).map(|t| t[0]).collect()
+    }
+
+    #[getter]
+    fn n_tokens(&self) -> usize {
+        self.enc.n_tokens()
+    }
+
+    #[getter]
+    fn vocab_size(&self) -> usize {
+        self.enc.vocab_size()
+    }
+
+    #[getter]
+    fn pattern(&self) -> &str {
+        self.enc.pretokenizer().pattern()
+    }
+
+    #[getter]
+    fn special_tokens(&self) -> HashMap<String, Rank> {
+        self.enc
+            .specials()
+            .iter()
+            .map(|(k, &v)| (k.clone(), v))
+            .collect()
+    }
+}
+
+/// Accumulates piece counts from texts or files, then learns merges.
+#[pyclass(module = "smallgpt._bpe")]
+struct Trainer {
+    pretok: Pretokenizer,
+    counts: PieceCounts,
+    pool: Option<rayon::ThreadPool>,
+}
+
+#[pymethods]
+impl Trainer {
+    #[new]
+    #[pyo3(signature = (pattern, num_threads=None))]
+    fn new(pattern: &str, num_threads: Option<usize>) -> PyResult<Self> {
+        Ok(Trainer {
+            pretok: Pretokenizer::new(pattern).map_err(to_py)?,
+            counts: PieceCounts::default(),
+            pool: pool(num_threads)?,
+        })
+    }
+
+    /// Counts the pieces of a batch of documents (in parallel, without the GIL).
+    fn feed(&mut self, py: Python<'_>, texts: Vec<String>) -> PyResult<()> {
+        let (pretok, pool) = (&self.pretok, &self.pool);
+        let batch = run(py, || {
+            in_pool(pool, || trainer::count_texts(pretok, &texts))
+        })?;
+        merge_into(&mut self.counts, batch);
+        Ok(())
+    }
+
+    /// Counts the pieces of files, each file one document, read and split in Rust.
+    #[pyo3(signature = (paths, errors="strict"))]
+    fn feed_files(&mut self, py: Python<'_>, paths: Vec<PathBuf>, errors: &str) -> PyResult<()> {
+        let errors = parse_errors(errors)?;
+        let (pretok, pool) = (&self.pretok, &self.pool);
+        let batch = run(py, || {
+            in_pool(pool, || trainer::count_files(pretok, &paths, errors))
+        })?;
+        merge_into(&mut self.counts, batch);
+        Ok(())
+    }
+
+    /// Number of distinct pieces counted so far.
+    fn n_pieces(&self) -> usize {
+        self.counts.len()
+    }
+
+    #[pyo3(signature = (num_merges, min_frequency=2, max_token_length=None, progress=false))]
+    fn train(
+        &self,
+        py: Python<'_>,
+        num_merges: usize,
+        min_frequency: u64,
+        max_token_length: Option<usize>,
+        progress: bool,
+    ) -> PyResult<Vec<(Rank, Rank)>> {
+        let opts = TrainOptions {
+            num_merges,
+            min_frequency,
+            max_token_length,
+        };
+        let counts = &self.counts;
+        run(py, || {
+            let bar = if progress {
+                let b = indicatif::ProgressBar::new(num_merges as u64);
+                b.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "merges {pos}/{len} [{elapsed_precise}] {wide_bar} {eta}",
+                    )
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                );
+                b
+            } else {
+                indicatif::ProgressBar::hidden()
+            };
+            let merges = trainer::train(counts, &opts, |n| {
+                if n % 64 == 0 {
+                    bar.set_position(n as u64);
+                }
+            });
+            bar.finish_and_clear();
+            Ok(merges)
+        })
+    }
+}
+
+fn merge_into(total: &mut PieceCounts, batch: PieceCounts) {
+    if total.is_empty() {
+        *total = batch;
+        return;
+    }
+    for (k, v) in batch {
+        *total.entry(k).or_insert(0) += v;
+    }
+}
+
+fn parse_errors(errors: &str) -> PyResult<Utf8Errors> {
+    match errors {
+        "strict" => Ok(Utf8Errors::Strict),
+        "replace" => Ok(Utf8Errors::Replace),
+        other => Err(PyValueError::new_err(format!(
+            "errors must be 'strict' or 'replace', not {other:?}"
+        ))),
+    }
+}
+
+/// The pieces that `pattern` (a name or a regex) splits `text` into.
+#[pyfunction]
+fn pretokenize(py: Python<'_>, pattern: &str, text: &str) -> PyResult<Vec<String>> {
+    let pretok = Pretokenizer::new(pattern).map_err(to_py)?;
+    run(py, || {
+        Ok(pretok
+            .pieces(text)?
+            .into_iter()
+            .map(str::to_owned)
+            .collect())
+    })
+}
+
+/// The pieces of `text` computed chunk by chunk, cutting at the safe points the parallel
+/// counter uses with chunks of about `target` bytes (to test that cutting changes nothing).
+#[pyfunction]
+fn pretokenize_chunked(
+    py: Python<'_>,
+    pattern: &str,
+    text: &str,
+    target: usize,
+) -> PyResult<Vec<String>> {
+    let pretok = Pretokenizer::new(pattern).map_err(to_py)?;
+    run(py, || {
+        let mut out = Vec::new();
+        let mut start = 0;
+        let cuts = pretok.split_points(text, target);
+        for end in cuts.into_iter().chain(std::iter::once(text.len())) {
+            out.extend(
+                pretok
+                    .pieces(&text[start..end])?
+                    .into_iter()
+                    .map(str::to_owned),
+            );
+            start = end;
+        }
+        Ok(out)
+    })
+}
+
+/// The regex string of a pattern name; any other string is returned unchanged.
+#[pyfunction]
+fn resolve_pattern(name: &str) -> String {
+    resolve(name).0.to_string()
+}
+
+/// Reads a text file in Rust (for tests of the UTF-8 error path).
+#[pyfunction]
+#[pyo3(signature = (path, errors="strict"))]
+fn read_text(py: Python<'_>, path: PathBuf, errors: &str) -> PyResult<String> {
+    let errors = parse_errors(errors)?;
+    run(py, || trainer::read_text(&path, errors))
+}
+
+#[pymodule]
+fn _bpe(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<CoreTokenizer>()?;
+    m.add_class::<Trainer>()?;
+    m.add_function(wrap_pyfunction!(pretokenize, m)?)?;
+    m.add_function(wrap_pyfunction!(pretokenize_chunked, m)?)?;
+    m.add_function(wrap_pyfunction!(resolve_pattern, m)?)?;
+    m.add_function(wrap_pyfunction!(read_text, m)?)?;
+    m.add("GPT2_PATTERN", GPT2_PATTERN)?;
+    m.add("CL100K_PATTERN", CL100K_PATTERN)?;
+    m.add("O200K_PATTERN", O200K_PATTERN)?;
+    Ok(())
+}

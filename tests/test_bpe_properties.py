@@ -1,0 +1,120 @@
+"""Property tests: the Rust core computes exactly what `smallgpt.reference_bpe` specifies."""
+
+from __future__ import annotations
+
+import regex
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from smallgpt import Tokenizer, _bpe, reference_bpe
+
+NAMED = ["gpt2", "cl100k", "o200k"]
+
+# Fragments that stress the pre-tokenizers: contractions in both cases, whitespace runs and
+# CR/LF mixes before letters, digits runs, emoji (with ZWJ and skin tones), combining marks,
+# CJK, RTL scripts, control characters and Unicode spaces.
+FRAGMENTS = [
+    "'s", "'S", "'ll", "'LL", "'re", "'ve", "'m", "'d", "'t", "'x", "''",
+    " ", "  ", "   ", "\t", "\n", "\n\n", "\r\n", "\r", " \n", "\n ", "\u00a0", "\u3000", "\u2028",
+    "0", "12", "123", "1234567", "٣٤", "½",
+    "a", "the", " the", "The", "HELLO", "camelCase", "ß", "é", "e\u0301", "İ",
+    "😀", "👍🏽", "👩\u200d💻", "🇫🇷",
+    "中文", "日本語", "한국어", "Привет", "مرحبا", "ܫܠܡܐ", "Ꭰ", "ⲁ",
+    "!", "?!", "...", "—", "«", "»", "(", ")", "/", "//", "\\", "\x00", "\x07", "\x1b", "\x7f",
+]
+pieces = st.one_of(
+    st.sampled_from(FRAGMENTS),
+    st.text(st.characters(exclude_categories=("Cs", "Cn", "Co")), max_size=4),
+)
+texts = st.lists(pieces, max_size=40).map("".join)
+long_runs = st.builds(lambda c, n: c * n, st.sampled_from(["a", " ", "\n", "1", "😀", "é"]),
+                      st.integers(50, 400))
+docs = st.lists(st.one_of(texts, long_runs), min_size=1, max_size=6)
+
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@SETTINGS
+@given(text=st.one_of(texts, long_runs), pattern=st.sampled_from(NAMED))
+def test_pretokenize_equals_regex(text, pattern):
+    expected = [m.group() for m in regex.finditer(reference_bpe.resolve_pattern(pattern), text)]
+    assert _bpe.pretokenize(pattern, text) == expected
+    assert reference_bpe.pretokenize(text, pattern) == expected
+
+
+@SETTINGS
+@given(
+    parts=st.lists(st.one_of(texts, long_runs), min_size=1, max_size=30),
+    pattern=st.sampled_from(NAMED),
+    target=st.integers(1, 64),
+)
+def test_chunked_pretokenize_equals_whole(parts, pattern, target):
+    # Documents joined by newlines give many candidate cut points.
+    text = "\n".join(parts)
+    assert _bpe.pretokenize_chunked(pattern, text, target) == reference_bpe.pretokenize(
+        text, pattern
+    )
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    documents=docs,
+    pattern=st.sampled_from(NAMED),
+    n_merges=st.integers(0, 40),
+    min_frequency=st.integers(1, 3),
+    max_len=st.one_of(st.none(), st.integers(2, 6)),
+    probe=texts,
+)
+def test_training_and_encoding_equal_reference(
+    documents, pattern, n_merges, min_frequency, max_len, probe
+):
+    vocab_size = 256 + n_merges
+    expected = reference_bpe.train(documents, vocab_size, pattern, min_frequency, max_len)
+    trainer = _bpe.Trainer(pattern)
+    trainer.feed(documents)
+    assert trainer.train(n_merges, min_frequency, max_len) == expected
+
+    tok = Tokenizer.train(
+        documents, vocab_size=vocab_size, pattern=pattern, special_tokens=(),
+        min_frequency=min_frequency, max_token_length=max_len,
+    )
+    assert tok.merges == expected
+    for text in [probe, *documents]:
+        ids = tok.encode_ordinary(text)
+        assert ids == reference_bpe.encode(text, expected, pattern)
+        assert tok.decode(ids) == text
+        assert reference_bpe.decode(ids, expected) == text.encode()
+
+
+@settings(max_examples=60, deadline=None)
+@given(documents=docs, split=st.integers(0, 6))
+def test_training_independent_of_threads_and_batching(documents, split):
+    results = []
+    for threads, batches in [(1, [documents]), (2, [documents[:split], documents[split:]]),
+                             (2, [[d] for d in documents])]:
+        trainer = _bpe.Trainer("gpt4", threads)
+        for b in batches:
+            if b:
+                trainer.feed(b)
+        results.append(trainer.train(30, 1))
+    assert results[0] == results[1] == results[2]
+
+
+@settings(max_examples=60, deadline=None)
+@given(batch=st.lists(texts, max_size=12))
+def test_encode_batch_equals_encode(batch):
+    tok = _shared_tokenizer()
+    assert tok.encode_batch(batch) == [tok.encode(t) for t in batch]
+    assert tok.encode_batch(batch, num_threads=1) == [tok.encode_ordinary(t) for t in batch]
+    for t in batch:
+        assert tok.decode(tok.encode(t)) == t
+
+
+_TOK: list[Tokenizer] = []
+
+
+def _shared_tokenizer() -> Tokenizer:
+    if not _TOK:
+        seed = "".join(FRAGMENTS) * 20 + "the quick brown fox jumps over the lazy dog " * 50
+        _TOK.append(Tokenizer.train([seed], vocab_size=400, min_frequency=1))
+    return _TOK[0]

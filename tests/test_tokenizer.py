@@ -1,0 +1,256 @@
+"""Tokenizer API, real vocabularies against tiktoken, persistence and interop, bad input."""
+
+from __future__ import annotations
+
+import base64
+import inspect
+import json
+from pathlib import Path
+
+import pytest
+import tiktoken
+import tiktoken_ext.openai_public as openai_public
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+from smallgpt import Tokenizer, _bpe, reference_bpe
+
+EOT = "<|endoftext|>"
+
+
+def tiktoken_gpt2(gpt2_files) -> tiktoken.Encoding:
+    enc_json, vocab_bpe = gpt2_files
+    ranks = data_gym_to_mergeable_bpe_ranks(str(vocab_bpe), str(enc_json))
+    return tiktoken.Encoding(
+        "gpt2-local", pat_str=openai_public.r50k_pat_str, mergeable_ranks=ranks,
+        special_tokens={EOT: 50256},
+    )
+
+
+def tiktoken_from_file(path: Path, pattern: str, specials: dict[str, int]) -> tiktoken.Encoding:
+    ranks = {}
+    for line in path.read_bytes().splitlines():
+        token, rank = line.split()
+        ranks[base64.b64decode(token)] = int(rank)
+    return tiktoken.Encoding(
+        path.stem, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials
+    )
+
+
+@pytest.fixture(scope="module")
+def gpt2(gpt2_files) -> Tokenizer:
+    return Tokenizer.from_gpt2(*gpt2_files)
+
+
+@pytest.fixture(scope="module")
+def trained(sample_texts) -> Tokenizer:
+    return Tokenizer.train(list(sample_texts.values()), vocab_size=600, pattern="gpt4")
+
+
+# --------------------------------------------------------------------------- patterns
+
+
+def test_named_patterns_are_tiktoken_strings():
+    src = inspect.getsource(openai_public)
+    assert _bpe.GPT2_PATTERN == openai_public.r50k_pat_str == reference_bpe.GPT2_PATTERN
+    assert f'r"""{_bpe.CL100K_PATTERN}"""' in src
+    assert _bpe.CL100K_PATTERN == reference_bpe.CL100K_PATTERN
+    for part in _bpe.O200K_PATTERN.split("|"):
+        assert part in src
+    assert _bpe.O200K_PATTERN == reference_bpe.O200K_PATTERN
+    assert _bpe.resolve_pattern("gpt4") == _bpe.CL100K_PATTERN
+    assert _bpe.resolve_pattern(r"\w+") == r"\w+"
+
+
+# --------------------------------------------------------------------------- real vocabularies
+
+
+def test_gpt2_matches_tiktoken(gpt2, gpt2_files, sample_texts):
+    tt = tiktoken_gpt2(gpt2_files)
+    assert gpt2.vocab_size == 50257 and gpt2.eot_id == 50256
+    for name, text in sample_texts.items():
+        assert gpt2.encode_ordinary(text) == tt.encode_ordinary(text), name
+    s = f"Hello{EOT} world{EOT}"
+    assert gpt2.encode(s, allowed_special="all") == tt.encode(s, allowed_special="all")
+    assert gpt2.encode(s, disallowed_special=()) == tt.encode(s, disallowed_special=())
+    assert gpt2.encode_ordinary(s) == tt.encode_ordinary(s)
+
+
+@pytest.mark.parametrize("name", ["cl100k_base", "o200k_base"])
+def test_openai_rank_files_match_tiktoken(name, shared_data, sample_texts):
+    path = shared_data / "tiktoken" / f"{name}.tiktoken"
+    ours = Tokenizer.from_tiktoken(path)
+    tt = tiktoken_from_file(path, ours.pattern, ours.special_tokens)
+    corpus = sorted((shared_data / "corpus").glob("ml_*.txt"))
+    texts = list(sample_texts.values()) + [p.read_text(encoding="utf-8") for p in corpus]
+    for text in texts:
+        assert ours.encode_ordinary(text) == tt.encode_ordinary(text)
+    s = f"a{EOT}b<|endofprompt|>"
+    assert ours.encode(s, allowed_special="all") == tt.encode(s, allowed_special="all")
+    assert ours.encode(s, allowed_special={EOT}, disallowed_special=()) == tt.encode(
+        s, allowed_special={EOT}, disallowed_special=()
+    )
+    assert ours.encode_batch(texts[:4]) == tt.encode_batch(texts[:4])
+
+
+def test_long_pieces_are_not_quadratic(gpt2, gpt2_files):
+    tt = tiktoken_gpt2(gpt2_files)
+    text = "a" * 200_000 + "b" * 1000 + "".join(chr(0x4E00 + i % 500) for i in range(50_000))
+    assert gpt2.encode_ordinary(text) == tt.encode_ordinary(text)
+
+
+# --------------------------------------------------------------------------- API
+
+
+def test_train_encode_decode(trained, sample_texts):
+    assert trained.vocab_size == 600
+    assert trained.eot_id == 599 and trained.special_tokens == {EOT: 599}
+    assert len(trained.merges) == 600 - 256 - 1
+    assert trained.pattern == _bpe.CL100K_PATTERN
+    for text in sample_texts.values():
+        ids = trained.encode_ordinary(text)
+        assert trained.decode(ids) == text
+        assert max(ids) < 599
+    assert trained.encode_batch(list(sample_texts.values())) == [
+        trained.encode(t) for t in sample_texts.values()
+    ]
+
+
+def test_decode_replaces_invalid_utf8(gpt2):
+    lead = next(i for i in range(256) if gpt2.token_bytes(i) == b"\xc3")  # half of "é"
+    assert gpt2.decode_bytes([lead]) == b"\xc3"
+    assert gpt2.decode([lead]) == "\ufffd"
+    hi = gpt2.encode_ordinary("hi")
+    assert gpt2.decode(hi + [lead] + hi) == "hi\ufffdhi"
+
+
+def test_special_tokens_rules(trained):
+    s = f"x{EOT}y"
+    with pytest.raises(ValueError, match="disallowed special token"):
+        trained.encode(s)
+    assert trained.encode(s, allowed_special="all").count(trained.eot_id) == 1
+    assert trained.eot_id not in trained.encode(s, disallowed_special=())
+    assert trained.encode_ordinary(s) == trained.encode(s, disallowed_special=())
+    with pytest.raises(ValueError, match="not special tokens"):
+        trained.encode(s, allowed_special={"<|nope|>"})
+
+
+def test_files_equal_texts(tmp_path, sample_texts):
+    paths = []
+    for name, text in sample_texts.items():
+        p = tmp_path / f"{name}.txt"
+        p.write_text(text, encoding="utf-8")
+        paths.append(p)
+    a = Tokenizer.train(list(sample_texts.values()), vocab_size=400)
+    b = Tokenizer.train(files=paths, vocab_size=400)
+    assert a.merges == b.merges
+
+
+def test_min_frequency_and_max_token_length(sample_texts):
+    text = sample_texts["english"]
+    t = Tokenizer.train([text], vocab_size=5000, min_frequency=50, special_tokens=())
+    assert 256 < t.vocab_size < 5000
+    short = Tokenizer.train([text], vocab_size=500, max_token_length=3)
+    assert all(len(short.token_bytes(i)) <= 3 for i in range(short.n_ordinary))
+
+
+# --------------------------------------------------------------------------- persistence
+
+
+def test_save_load_round_trip(tmp_path, trained, gpt2, sample_texts):
+    for tok in (trained, gpt2):
+        path = tmp_path / "tok.json"
+        tok.save(path)
+        data = json.loads(path.read_text())
+        assert data["format"] == "smallgpt-tokenizer" and data["version"] == 1
+        back = Tokenizer.load(path)
+        assert back.merges == tok.merges and back.special_tokens == tok.special_tokens
+        for text in sample_texts.values():
+            assert back.encode_ordinary(text) == tok.encode_ordinary(text)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_load_rejects_other_versions(tmp_path, trained):
+    data = json.loads(trained.to_json_str())
+    data["version"] = 99
+    p = tmp_path / "t.json"
+    p.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="version 99"):
+        Tokenizer.load(p)
+    p.write_text("{not json")
+    with pytest.raises(ValueError, match="not a JSON"):
+        Tokenizer.load(p)
+
+
+def test_tiktoken_export(tmp_path, trained, sample_texts):
+    path = tmp_path / "mine.tiktoken"
+    trained.save_tiktoken(path)
+    tt = tiktoken_from_file(path, trained.pattern, trained.special_tokens)
+    back = Tokenizer.from_tiktoken(path, pattern="gpt4", special_tokens=trained.special_tokens)
+    for text in sample_texts.values():
+        assert tt.encode_ordinary(text) == trained.encode_ordinary(text)
+        assert back.encode_ordinary(text) == trained.encode_ordinary(text)
+    with pytest.raises(ValueError, match="pattern"):
+        Tokenizer.from_tiktoken(path)
+
+
+def test_huggingface_export(tmp_path, trained, gpt2, sample_texts):
+    import tokenizers
+
+    for tok in (trained, gpt2):
+        path = tmp_path / "tokenizer.json"
+        tok.save_huggingface(path)
+        hf = tokenizers.Tokenizer.from_file(str(path))
+        back = Tokenizer.from_huggingface(path)
+        for text in sample_texts.values():
+            ids = tok.encode_ordinary(text)
+            assert hf.encode(text, add_special_tokens=False).ids == ids
+            assert back.encode_ordinary(text) == ids
+        assert hf.decode(tok.encode_ordinary("héllo wörld")) == "héllo wörld"
+        assert back.special_tokens == tok.special_tokens
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_bad_training_input(tmp_path):
+    with pytest.raises(ValueError, match="vocab_size"):
+        Tokenizer.train(["abc"], vocab_size=256)
+    with pytest.raises(ValueError, match="pattern"):
+        Tokenizer.train(["abc"], vocab_size=300, pattern="(unclosed")
+    with pytest.raises(ValueError, match="texts"):
+        Tokenizer.train(vocab_size=300)
+    with pytest.raises(TypeError):
+        Tokenizer.train("a plain string", vocab_size=300)
+    with pytest.raises(TypeError):
+        Tokenizer.train([b"bytes"], vocab_size=300)
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        Tokenizer.train(files=[tmp_path / "missing.txt"], vocab_size=300)
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"hello \xff world")
+    with pytest.raises(ValueError, match=r"bad\.txt: invalid UTF-8 at byte offset 6"):
+        Tokenizer.train(files=[bad], vocab_size=300)
+    tok = Tokenizer.train(files=[bad], vocab_size=300, errors="replace", min_frequency=1)
+    assert tok.vocab_size > 256
+
+
+def test_bad_ids_and_text(trained):
+    with pytest.raises(ValueError, match="unknown token id"):
+        trained.decode([10**6])
+    with pytest.raises(ValueError):
+        trained.decode([-1])
+    with pytest.raises(TypeError):
+        trained.encode(b"bytes")  # type: ignore[arg-type]
+
+
+def test_bad_vocabulary_files(tmp_path):
+    p = tmp_path / "x.tiktoken"
+    p.write_text("not base64 !!\n")
+    with pytest.raises(ValueError):
+        Tokenizer.from_tiktoken(p, pattern="gpt2")
+    p.write_text(base64.b64encode(b"a").decode() + " 0\n")
+    with pytest.raises(ValueError, match="byte"):
+        Tokenizer.from_tiktoken(p, pattern="gpt2")
+    j = tmp_path / "t.json"
+    j.write_text(json.dumps({"model": {"type": "Unigram"}}))
+    with pytest.raises(ValueError, match="not BPE"):
+        Tokenizer.from_huggingface(j)
