@@ -11,11 +11,11 @@ import base64
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import AbstractSet, Any, Collection, Iterable, Literal, Optional, Sequence, Union
 
 from smallgpt import _bpe
+from smallgpt._io import atomic_write_text
 
 PathLike = Union[str, "os.PathLike[str]"]
 SpecialSet = Union[Literal["all"], AbstractSet[str], Collection[str]]
@@ -63,20 +63,6 @@ def _bytes_to_unicode() -> dict[int, str]:
             mapping[b] = chr(256 + n)
             n += 1
     return mapping
-
-
-def _atomic_write_text(path: PathLike, text: str) -> None:
-    """Writes a file through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _special_pairs(special_tokens: Any) -> list[tuple[str, int]]:
@@ -342,7 +328,7 @@ class Tokenizer:
 
     def save(self, path: PathLike) -> None:
         """Writes the tokenizer as one readable, versioned JSON file (atomically)."""
-        _atomic_write_text(path, self.to_json_str())
+        atomic_write_text(path, self.to_json_str())
 
     @classmethod
     def load(cls, path: PathLike) -> Tokenizer:
@@ -434,7 +420,7 @@ class Tokenizer:
             f"{base64.b64encode(t).decode('ascii')} {i}\n"
             for i, t in enumerate(self._core.token_bytes())
         )
-        _atomic_write_text(path, "".join(lines))
+        atomic_write_text(path, "".join(lines))
 
     def save_huggingface(self, path: PathLike) -> None:
         """Writes a Hugging Face ``tokenizer.json`` that encodes identically.
@@ -512,7 +498,7 @@ class Tokenizer:
                 "merges": [[u(tokens[lr]), u(tokens[rr])] for _, lr, rr in merges],
             },
         }
-        _atomic_write_text(path, json.dumps(data, ensure_ascii=False, indent=1))
+        atomic_write_text(path, json.dumps(data, ensure_ascii=False, indent=1))
 
     @classmethod
     def from_huggingface(cls, path: PathLike) -> Tokenizer:

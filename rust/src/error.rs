@@ -23,6 +23,8 @@ pub enum Error {
     InvalidVocab(String),
     /// Any other invalid argument.
     Value(String),
+    /// The caller asked to stop (Ctrl-C).
+    Interrupted,
 }
 
 impl fmt::Display for Error {
@@ -46,6 +48,7 @@ impl fmt::Display for Error {
             ),
             Error::InvalidVocab(m) => write!(f, "invalid vocabulary: {m}"),
             Error::Value(m) => write!(f, "{m}"),
+            Error::Interrupted => write!(f, "interrupted"),
         }
     }
 }

@@ -2,6 +2,7 @@
 //! thin PyO3 bindings in `py.rs`, compiled only with the `python` feature so that
 //! `cargo test` runs without Python.
 
+pub mod corpus;
 pub mod encoder;
 pub mod error;
 pub mod pretokenize;

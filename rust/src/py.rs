@@ -4,11 +4,14 @@ use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 
-use pyo3::exceptions::{PyFileNotFoundError, PyOSError, PyRuntimeError, PyValueError};
+use pyo3::exceptions::{
+    PyFileNotFoundError, PyKeyboardInterrupt, PyOSError, PyRuntimeError, PyValueError,
+};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use rayon::prelude::*;
 
+use crate::corpus::{self, Dtype, ShardOptions, Source, SourceKind};
 use crate::encoder::{Encoder, Rank};
 use crate::error::Error;
 use crate::pretokenize::{
@@ -22,6 +25,7 @@ fn to_py(err: Error) -> PyErr {
             PyFileNotFoundError::new_err(format!("no such file: {}", p.display()))
         }
         e @ Error::Io { .. } => PyOSError::new_err(e.to_string()),
+        Error::Interrupted => PyKeyboardInterrupt::new_err("interrupted"),
         e => PyValueError::new_err(e.to_string()),
     }
 }
@@ -245,6 +249,42 @@ impl Trainer {
         Ok(())
     }
 
+    /// Counts the documents of corpus sources (see `tokenize_corpus` for their form).
+    #[pyo3(signature = (sources, errors="strict"))]
+    fn feed_sources(
+        &mut self,
+        py: Python<'_>,
+        sources: Vec<(PathBuf, String, Option<String>)>,
+        errors: &str,
+    ) -> PyResult<()> {
+        let errors = parse_errors(errors)?;
+        let sources = parse_sources(sources)?;
+        let (pretok, pool) = (&self.pretok, &self.pool);
+        let batch = run(py, || {
+            in_pool(pool, || {
+                let mut total = PieceCounts::default();
+                let mut docs: Vec<String> = Vec::new();
+                let mut size = 0;
+                for s in &sources {
+                    corpus::for_each_document(s, errors, |d| {
+                        docs.push(d.to_owned());
+                        size += d.len();
+                        if size > 64 << 20 {
+                            merge_into(&mut total, trainer::count_texts(pretok, &docs)?);
+                            docs.clear();
+                            size = 0;
+                        }
+                        Ok(())
+                    })?;
+                }
+                merge_into(&mut total, trainer::count_texts(pretok, &docs)?);
+                Ok(total)
+            })
+        })?;
+        merge_into(&mut self.counts, batch);
+        Ok(())
+    }
+
     /// Number of distinct pieces counted so far.
     fn n_pieces(&self) -> usize {
         self.counts.len()
@@ -309,6 +349,98 @@ fn parse_errors(errors: &str) -> PyResult<Utf8Errors> {
     }
 }
 
+/// (documents, tokens, UTF-8 bytes, shard file names) of one split.
+type SplitSummary = (u64, u64, u64, Vec<String>);
+
+fn parse_sources(sources: Vec<(PathBuf, String, Option<String>)>) -> PyResult<Vec<Source>> {
+    sources
+        .into_iter()
+        .map(|(path, kind, arg)| {
+            let kind = match kind.as_str() {
+                "text" => SourceKind::Text { separator: arg },
+                "jsonl" => SourceKind::Jsonl {
+                    field: arg.unwrap_or_else(|| "text".into()),
+                },
+                other => {
+                    return Err(PyValueError::new_err(format!(
+                        "unknown source kind {other:?}"
+                    )))
+                }
+            };
+            Ok(Source { path, kind })
+        })
+        .collect()
+}
+
+/// Tokenizes corpus files into llm.c shards in `out_dir`. `sources` are
+/// `(path, "text" | "jsonl", separator-or-field)`. Returns per-split statistics.
+#[pyfunction]
+#[pyo3(signature = (tokenizer, eot, sources, out_dir, val_fraction, shard_tokens, dtype_bits, errors="strict", progress=false, num_threads=None))]
+#[allow(clippy::too_many_arguments)]
+fn tokenize_corpus(
+    py: Python<'_>,
+    tokenizer: &CoreTokenizer,
+    eot: Rank,
+    sources: Vec<(PathBuf, String, Option<String>)>,
+    out_dir: PathBuf,
+    val_fraction: f64,
+    shard_tokens: usize,
+    dtype_bits: u32,
+    errors: &str,
+    progress: bool,
+    num_threads: Option<usize>,
+) -> PyResult<HashMap<String, SplitSummary>> {
+    let pool = pool(num_threads)?;
+    let opts = ShardOptions {
+        out_dir,
+        val_fraction,
+        shard_tokens,
+        dtype: match dtype_bits {
+            16 => Dtype::U16,
+            32 => Dtype::U32,
+            _ => return Err(PyValueError::new_err("dtype_bits must be 16 or 32")),
+        },
+        errors: parse_errors(errors)?,
+    };
+    let sources = parse_sources(sources)?;
+    let total: u64 = sources
+        .iter()
+        .map(|s| std::fs::metadata(&s.path).map(|m| m.len()).unwrap_or(0))
+        .sum();
+    let stats = run(py, || {
+        let bar = if progress {
+            let b = indicatif::ProgressBar::new(total);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bytes}/{total_bytes} [{elapsed_precise}] {wide_bar} {binary_bytes_per_sec} ETA {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            b
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        // Signals are only seen on the main thread, so the loop must not move to the pool.
+        let interrupted = || Python::with_gil(|py| py.check_signals().is_err());
+        let r = corpus::tokenize_corpus(
+            &tokenizer.enc,
+            eot,
+            &sources,
+            &opts,
+            pool.as_ref(),
+            |done| bar.set_position(done),
+            interrupted,
+        );
+        bar.finish_and_clear();
+        r
+    })?;
+    let mut out = HashMap::new();
+    for (name, s) in [("train", stats.train), ("val", stats.val)] {
+        out.insert(name.to_string(), (s.documents, s.tokens, s.bytes, s.shards));
+    }
+    Ok(out)
+}
+
 /// The pieces that `pattern` (a name or a regex) splits `text` into.
 #[pyfunction]
 fn pretokenize(py: Python<'_>, pattern: &str, text: &str) -> PyResult<Vec<String>> {
@@ -371,6 +503,7 @@ fn _bpe(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(pretokenize_chunked, m)?)?;
     m.add_function(wrap_pyfunction!(resolve_pattern, m)?)?;
     m.add_function(wrap_pyfunction!(read_text, m)?)?;
+    m.add_function(wrap_pyfunction!(tokenize_corpus, m)?)?;
     m.add("GPT2_PATTERN", GPT2_PATTERN)?;
     m.add("CL100K_PATTERN", CL100K_PATTERN)?;
     m.add("O200K_PATTERN", O200K_PATTERN)?;

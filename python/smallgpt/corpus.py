@@ -1,0 +1,216 @@
+"""Corpus → tokenizer + token shards (the engine behind ``smallgpt-tokenize``).
+
+Reading, splitting, encoding and shard writing run in Rust (`smallgpt._bpe.tokenize_corpus`),
+in parallel with the GIL released; this module resolves inputs, picks or trains the
+tokenizer, guards the output folder and writes ``meta.json``.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+from smallgpt import _bpe
+from smallgpt._io import atomic_write_text
+from smallgpt.tokenizer import EOT, Tokenizer
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+META_FORMAT = "smallgpt-shards"
+META_VERSION = 1
+TEXT_SUFFIXES = (".txt", ".text", ".md")
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+
+
+class CorpusError(ValueError):
+    """Bad corpus input or output folder (message is meant for the user as is)."""
+
+
+def expand_inputs(inputs: Sequence[PathLike]) -> list[Path]:
+    """Files named directly, the text/jsonl files under directories (sorted), and globs."""
+    files: list[Path] = []
+    for item in inputs:
+        s = os.fspath(item)
+        if any(c in s for c in "*?["):
+            matches = sorted(Path(m) for m in glob.glob(s, recursive=True) if Path(m).is_file())
+            if not matches:
+                raise CorpusError(f"no file matches {s!r}")
+            files.extend(matches)
+            continue
+        p = Path(s)
+        if p.is_dir():
+            found = sorted(
+                f for f in p.rglob("*")
+                if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES + JSONL_SUFFIXES
+            )
+            if not found:
+                raise CorpusError(f"{p}: directory holds no .txt or .jsonl file")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise CorpusError(f"{p}: no such file or directory")
+    if not files:
+        raise CorpusError("no input files")
+    return files
+
+
+def _sources(
+    files: Sequence[Path], doc_separator: Optional[str], text_field: str
+) -> list[tuple[str, str, Optional[str]]]:
+    out: list[tuple[str, str, Optional[str]]] = []
+    for f in files:
+        suffix = f.suffix.lower()
+        if suffix in JSONL_SUFFIXES:
+            out.append((str(f), "jsonl", text_field))
+        elif suffix == ".parquet":
+            raise CorpusError(f"{f}: parquet input is not supported yet; convert it to .jsonl")
+        else:
+            out.append((str(f), "text", doc_separator))
+    return out
+
+
+def load_any_tokenizer(path: PathLike) -> Tokenizer:
+    """Loads our JSON, a Hugging Face ``tokenizer.json`` or a ``.tiktoken`` file."""
+    p = Path(path)
+    if not p.is_file():
+        raise CorpusError(f"{p}: tokenizer file not found")
+    if p.suffix == ".tiktoken":
+        return Tokenizer.from_tiktoken(p)
+    try:
+        head = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CorpusError(f"{p}: unknown tokenizer format (not JSON or .tiktoken)") from None
+    if isinstance(head, dict) and head.get("format") == "smallgpt-tokenizer":
+        return Tokenizer.load(p)
+    if isinstance(head, dict) and "model" in head:
+        return Tokenizer.from_huggingface(p)
+    raise CorpusError(f"{p}: unknown tokenizer format")
+
+
+def _existing_outputs(out: Path) -> list[Path]:
+    return sorted(
+        [*out.glob("train_*.bin"), *out.glob("val_*.bin"), *out.glob("meta.json")]
+    )
+
+
+def tokenize_corpus(
+    inputs: Sequence[PathLike],
+    out_dir: PathLike,
+    *,
+    tokenizer: Union[Tokenizer, PathLike, None] = None,
+    gpt2_dir: Optional[PathLike] = None,
+    vocab_size: Optional[int] = None,
+    pattern: str = "gpt4",
+    special_tokens: Sequence[str] = (EOT,),
+    val_fraction: float = 0.005,
+    shard_tokens: int = 100_000_000,
+    doc_separator: Optional[str] = None,
+    text_field: str = "text",
+    dtype: str = "auto",
+    workers: Optional[int] = None,
+    overwrite: bool = False,
+    errors: str = "strict",
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Tokenizes text files into llm.c shards plus ``tokenizer.json`` and ``meta.json``.
+
+    Exactly one tokenizer source: ``tokenizer`` (a :class:`Tokenizer` or a file in any
+    format :func:`load_any_tokenizer` reads), ``gpt2_dir`` (``encoder.json`` +
+    ``vocab.bpe``), or ``vocab_size`` to train a new one on the inputs first.
+
+    Each ``.txt`` file is one document (or several, split on ``doc_separator``); each line of
+    a ``.jsonl`` file is one, taken from ``text_field``. Empty documents are dropped. Every
+    document is preceded by the end-of-text token. The last ``ceil(val_fraction * documents)``
+    documents form the validation split; a single document is split by characters instead
+    (validation = its last ``val_fraction`` of characters, nanoGPT's split).
+
+    Returns the metadata written to ``meta.json``. Raises :class:`CorpusError` (a
+    ``ValueError``) for bad input, ``KeyboardInterrupt`` if interrupted (no shard is left).
+    """
+    if sum(x is not None for x in (tokenizer, gpt2_dir, vocab_size)) != 1:
+        raise CorpusError("give exactly one of: a tokenizer, a GPT-2 folder, or a vocab size")
+    if not 0.0 <= val_fraction < 1.0:
+        raise CorpusError(f"val fraction must be in [0, 1), got {val_fraction}")
+    if shard_tokens < 1:
+        raise CorpusError(f"shard tokens must be positive, got {shard_tokens}")
+    if dtype not in ("auto", "uint16", "uint32"):
+        raise CorpusError(f"dtype must be auto, uint16 or uint32, not {dtype!r}")
+    if workers is not None and workers < 1:
+        raise CorpusError(f"workers must be at least 1, got {workers}")
+    files = expand_inputs(inputs)
+    sources = _sources(files, doc_separator, text_field)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise CorpusError(f"{out}: exists and is not a directory")
+    existing = _existing_outputs(out) if out.exists() else []
+    if existing and not overwrite:
+        raise CorpusError(f"{out} already holds shards ({existing[0].name}); pass --overwrite")
+
+    tok: Tokenizer
+    if isinstance(tokenizer, Tokenizer):
+        tok = tokenizer
+    elif tokenizer is not None:
+        tok = load_any_tokenizer(tokenizer)
+    elif gpt2_dir is not None:
+        g = Path(gpt2_dir)
+        if not (g / "encoder.json").is_file() or not (g / "vocab.bpe").is_file():
+            raise CorpusError(f"{g}: needs encoder.json and vocab.bpe")
+        tok = Tokenizer.from_gpt2(g / "encoder.json", g / "vocab.bpe")
+    else:
+        assert vocab_size is not None
+        trainer = _bpe.Trainer(pattern, workers)
+        trainer.feed_sources(sources, errors)
+        n_special = len(special_tokens)
+        if vocab_size < 256 + n_special:
+            raise CorpusError(f"vocab size must be at least {256 + n_special}, got {vocab_size}")
+        merges = trainer.train(vocab_size - 256 - n_special, 2, None, progress)
+        first = 256 + len(merges)
+        specials = [(s, first + i) for i, s in enumerate(special_tokens)]
+        tok = Tokenizer(_bpe.CoreTokenizer.from_merges(merges, pattern, specials))
+    eot = tok.eot_id
+    if eot is None:
+        raise CorpusError(f"the tokenizer has no {EOT} token to separate documents")
+    bits = 16 if (dtype == "uint16" or (dtype == "auto" and tok.vocab_size <= 65536)) else 32
+    if tok.vocab_size > (1 << bits):
+        raise CorpusError(f"vocabulary of {tok.vocab_size} ids does not fit in uint{bits}")
+
+    out.mkdir(parents=True, exist_ok=True)
+    # Old outputs go only once the new run is sure to start; new shards appear as *.tmp and are
+    # renamed at the very end, so an interrupted run never leaves a shard that looks complete.
+    for p in existing:
+        p.unlink()
+    stats = _run(tok, eot, sources, out, val_fraction, shard_tokens, bits, errors, progress,
+                 workers)
+    meta: dict[str, Any] = {
+        "format": META_FORMAT,
+        "version": META_VERSION,
+        "tokenizer": "tokenizer.json",
+        "vocab_size": tok.vocab_size,
+        "eot_id": eot,
+        "dtype": f"uint{bits}",
+        "splits": {
+            name: {"documents": d, "tokens": t, "bytes": b, "shards": shards}
+            for name, (d, t, b, shards) in sorted(stats.items())
+        },
+        "inputs": [str(f) for f in files],
+    }
+    tok.save(out / "tokenizer.json")
+    _write_json(out / "meta.json", meta)
+    return meta
+
+
+def _run(tok: Tokenizer, eot: int, sources: Any, out: Path, val_fraction: float,
+         shard_tokens: int, bits: int, errors: str, progress: bool,
+         workers: Optional[int]) -> dict[str, Any]:
+    return _bpe.tokenize_corpus(
+        tok._core, eot, sources, str(out), val_fraction, shard_tokens, bits, errors, progress,
+        workers,
+    )
+
+
+def _write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")

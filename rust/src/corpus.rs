@@ -1,0 +1,506 @@
+//! Corpus → token shards: read documents, encode them in parallel, write llm.c shards.
+//!
+//! Memory stays bounded: documents are streamed in segments of at most `SEGMENT_BYTES`
+//! (large documents are cut where the named patterns provably give the same pieces), a batch
+//! holds a few segments per thread, and a shard buffer holds at most `shard_tokens` tokens.
+//! Output order is the input order whatever the number of threads.
+//!
+//! Shard format (llm.c / modded-nanogpt): 256 little-endian int32 header words
+//! `[magic, version, n_tokens, 0, ...]`, then the tokens: magic 20240520 / version 1 / uint16,
+//! or magic 20240801 / version 7 / uint32 for vocabularies over 65536 ids.
+
+use std::borrow::Cow;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+
+use crate::encoder::{Encoder, Rank};
+use crate::error::{Error, Result};
+use crate::trainer::Utf8Errors;
+
+pub const HEADER_WORDS: usize = 256;
+pub const MAGIC_U16: i32 = 20240520;
+pub const VERSION_U16: i32 = 1;
+pub const MAGIC_U32: i32 = 20240801;
+pub const VERSION_U32: i32 = 7;
+
+/// Largest piece of a document encoded as one unit.
+const SEGMENT_BYTES: usize = 1 << 20;
+/// Text gathered before a parallel encoding round.
+const BATCH_BYTES: usize = 32 << 20;
+
+/// How a file is divided into documents.
+#[derive(Debug, Clone)]
+pub enum SourceKind {
+    /// A text file: one document, or several split by a separator string.
+    Text { separator: Option<String> },
+    /// JSON lines: one document per line, taken from a string field.
+    Jsonl { field: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub path: PathBuf,
+    pub kind: SourceKind,
+}
+
+/// Token width in the shards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dtype {
+    U16,
+    U32,
+}
+
+impl Dtype {
+    fn header(self) -> (i32, i32) {
+        match self {
+            Dtype::U16 => (MAGIC_U16, VERSION_U16),
+            Dtype::U32 => (MAGIC_U32, VERSION_U32),
+        }
+    }
+    fn max_vocab(self) -> usize {
+        match self {
+            Dtype::U16 => 1 << 16,
+            Dtype::U32 => 1 << 32,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ShardOptions {
+    pub out_dir: PathBuf,
+    pub val_fraction: f64,
+    pub shard_tokens: usize,
+    pub dtype: Dtype,
+    pub errors: Utf8Errors,
+}
+
+/// Counts of one split.
+#[derive(Debug, Clone, Default)]
+pub struct SplitStats {
+    pub documents: u64,
+    pub tokens: u64,
+    pub bytes: u64,
+    pub shards: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct CorpusStats {
+    pub train: SplitStats,
+    pub val: SplitStats,
+}
+
+/// A file's contents, borrowed from a memory map when valid UTF-8.
+struct FileText {
+    // Declared before the map so it is dropped first.
+    text: Cow<'static, str>,
+    _map: Option<memmap2::Mmap>,
+}
+
+fn open_text(path: &Path, errors: Utf8Errors) -> Result<FileText> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    if len == 0 {
+        return Ok(FileText {
+            text: Cow::Borrowed(""),
+            _map: None,
+        });
+    }
+    // SAFETY: read-only map, kept alive alongside the borrowed text in `FileText`.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    // SAFETY: the slice lives as long as `map`, which `FileText` owns and drops after `text`
+    // is no longer used (the 'static is confined to this struct).
+    let bytes: &'static [u8] = unsafe { std::slice::from_raw_parts(map.as_ptr(), map.len()) };
+    let text = match std::str::from_utf8(bytes) {
+        Ok(s) => Cow::Borrowed(s),
+        Err(e) => match errors {
+            Utf8Errors::Strict => {
+                return Err(Error::InvalidUtf8 {
+                    path: path.to_path_buf(),
+                    offset: e.valid_up_to(),
+                })
+            }
+            Utf8Errors::Replace => Cow::Owned(String::from_utf8_lossy(bytes).into_owned()),
+        },
+    };
+    Ok(FileText {
+        text,
+        _map: Some(map),
+    })
+}
+
+/// Calls `f` with each non-empty document of `source`, in order.
+pub fn for_each_document(
+    source: &Source,
+    errors: Utf8Errors,
+    mut f: impl FnMut(&str) -> Result<()>,
+) -> Result<()> {
+    let file = open_text(&source.path, errors)?;
+    let text: &str = &file.text;
+    match &source.kind {
+        SourceKind::Text { separator: None } => {
+            if !text.is_empty() {
+                f(text)?;
+            }
+        }
+        SourceKind::Text {
+            separator: Some(sep),
+        } => {
+            for doc in text.split(sep.as_str()) {
+                if !doc.is_empty() {
+                    f(doc)?;
+                }
+            }
+        }
+        SourceKind::Jsonl { field } => {
+            for (lineno, line) in text.lines().enumerate() {
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let bad = |why: &str| {
+                    Error::Value(format!("{}:{}: {why}", source.path.display(), lineno + 1))
+                };
+                let value: serde_json::Value =
+                    serde_json::from_str(line).map_err(|e| bad(&format!("invalid JSON ({e})")))?;
+                let doc = value
+                    .get(field)
+                    .ok_or_else(|| bad(&format!("no field {field:?}")))?
+                    .as_str()
+                    .ok_or_else(|| bad(&format!("field {field:?} is not a string")))?;
+                if !doc.is_empty() {
+                    f(doc)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Number of non-empty documents in all sources (the first pass, to place the val split).
+pub fn count_documents(sources: &[Source], errors: Utf8Errors) -> Result<u64> {
+    let mut n = 0u64;
+    for s in sources {
+        for_each_document(s, errors, |_| {
+            n += 1;
+            Ok(())
+        })?;
+    }
+    Ok(n)
+}
+
+/// A unit of encoding work: part of a document, owned so a batch can outlive its file.
+struct Segment {
+    text: String,
+    starts_doc: bool,
+    val: bool,
+}
+
+/// Writes consecutive shards of one split.
+struct ShardWriter {
+    dir: PathBuf,
+    prefix: &'static str,
+    dtype: Dtype,
+    shard_tokens: usize,
+    buf: Vec<Rank>,
+    /// (temporary path, final name) of each finished shard, in order.
+    done: Vec<(PathBuf, String)>,
+}
+
+impl ShardWriter {
+    fn new(dir: &Path, prefix: &'static str, opts: &ShardOptions) -> Self {
+        ShardWriter {
+            dir: dir.to_path_buf(),
+            prefix,
+            dtype: opts.dtype,
+            shard_tokens: opts.shard_tokens,
+            buf: Vec::new(),
+            done: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, tokens: &[Rank]) -> Result<()> {
+        let mut rest = tokens;
+        while !rest.is_empty() {
+            let room = self.shard_tokens - self.buf.len();
+            let take = room.min(rest.len());
+            self.buf.extend_from_slice(&rest[..take]);
+            rest = &rest[take..];
+            if self.buf.len() == self.shard_tokens {
+                self.flush()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let name = format!("{}_{:06}.bin", self.prefix, self.done.len());
+        let tmp = self.dir.join(format!("{name}.tmp"));
+        write_shard(&tmp, &self.buf, self.dtype)?;
+        self.done.push((tmp, name));
+        self.buf.clear();
+        Ok(())
+    }
+}
+
+/// Writes one shard file (header + tokens) at `path`.
+pub fn write_shard(path: &Path, tokens: &[Rank], dtype: Dtype) -> Result<()> {
+    let n = i32::try_from(tokens.len())
+        .map_err(|_| Error::Value("a shard holds at most 2^31-1 tokens".into()))?;
+    let file = File::create(path).map_err(|e| Error::io(path, e))?;
+    let mut w = BufWriter::with_capacity(1 << 20, file);
+    let (magic, version) = dtype.header();
+    let mut header = [0i32; HEADER_WORDS];
+    header[0] = magic;
+    header[1] = version;
+    header[2] = n;
+    let io = |e| Error::io(path, e);
+    for h in header {
+        w.write_all(&h.to_le_bytes()).map_err(io)?;
+    }
+    match dtype {
+        Dtype::U16 => {
+            let mut bytes = Vec::with_capacity(tokens.len() * 2);
+            for &t in tokens {
+                bytes.extend_from_slice(&(t as u16).to_le_bytes());
+            }
+            w.write_all(&bytes).map_err(io)?;
+        }
+        Dtype::U32 => {
+            let mut bytes = Vec::with_capacity(tokens.len() * 4);
+            for &t in tokens {
+                bytes.extend_from_slice(&t.to_le_bytes());
+            }
+            w.write_all(&bytes).map_err(io)?;
+        }
+    }
+    w.into_inner()
+        .map_err(|e| Error::io(path, e.into_error()))?
+        .sync_all()
+        .map_err(io)
+}
+
+/// Tokenizes `sources` into shards in `opts.out_dir`. Shards are written as `*.tmp` and only
+/// renamed when everything succeeded; `progress(bytes_done)` is called after each batch and
+/// `interrupted()` is polled between batches (returning true aborts and removes the temps).
+/// Encoding runs on `pool` (the global rayon pool if `None`); the loop itself, and so every
+/// call of `interrupted`, stays on the calling thread.
+pub fn tokenize_corpus(
+    enc: &Encoder,
+    eot: Rank,
+    sources: &[Source],
+    opts: &ShardOptions,
+    pool: Option<&rayon::ThreadPool>,
+    mut progress: impl FnMut(u64),
+    interrupted: impl Fn() -> bool,
+) -> Result<CorpusStats> {
+    if enc.vocab_size() > opts.dtype.max_vocab() {
+        return Err(Error::Value(format!(
+            "vocabulary of {} ids does not fit in {:?} tokens",
+            enc.vocab_size(),
+            opts.dtype
+        )));
+    }
+    if opts.shard_tokens == 0 {
+        return Err(Error::Value("shard_tokens must be positive".into()));
+    }
+    if !(0.0..1.0).contains(&opts.val_fraction) {
+        return Err(Error::Value("val_fraction must be in [0, 1)".into()));
+    }
+    let n_docs = count_documents(sources, opts.errors)?;
+    if n_docs == 0 {
+        return Err(Error::Value(
+            "the corpus holds no (non-empty) document".into(),
+        ));
+    }
+    let n_val = if opts.val_fraction == 0.0 || n_docs == 1 {
+        0
+    } else {
+        ((n_docs as f64 * opts.val_fraction).ceil() as u64).clamp(1, n_docs - 1)
+    };
+    // A lone document is split by characters instead: val gets its last `val_fraction`.
+    let split_single = n_docs == 1 && opts.val_fraction > 0.0;
+
+    let mut train = ShardWriter::new(&opts.out_dir, "train", opts);
+    let mut val = ShardWriter::new(&opts.out_dir, "val", opts);
+    let mut stats = CorpusStats::default();
+    let result = (|| -> Result<()> {
+        let mut batch: Vec<Segment> = Vec::new();
+        let mut batch_bytes = 0usize;
+        let mut done_bytes = 0u64;
+        let mut doc_index = 0u64;
+        let pretok = enc.pretokenizer();
+        let mut run = |batch: &mut Vec<Segment>, stats: &mut CorpusStats| -> Result<()> {
+            if interrupted() {
+                return Err(Error::Interrupted);
+            }
+            let encode = || -> Result<Vec<Vec<Rank>>> {
+                batch
+                    .par_iter()
+                    .map(|s| enc.encode_ordinary(&s.text))
+                    .collect()
+            };
+            let encoded = match pool {
+                Some(p) => p.install(encode)?,
+                None => encode()?,
+            };
+            for (seg, ids) in batch.iter().zip(encoded) {
+                let (writer, split) = if seg.val {
+                    (&mut val, &mut stats.val)
+                } else {
+                    (&mut train, &mut stats.train)
+                };
+                if seg.starts_doc {
+                    writer.push(&[eot])?;
+                    split.documents += 1;
+                    split.tokens += 1;
+                }
+                writer.push(&ids)?;
+                split.tokens += ids.len() as u64;
+                split.bytes += seg.text.len() as u64;
+                done_bytes += seg.text.len() as u64;
+            }
+            batch.clear();
+            progress(done_bytes);
+            Ok(())
+        };
+        // Adds a document (cut into segments at safe points), encoding whenever the batch is
+        // full, so neither a huge document nor a huge corpus is ever held whole.
+        let mut add_doc = |doc: &str,
+                           val: bool,
+                           batch: &mut Vec<Segment>,
+                           stats: &mut CorpusStats|
+         -> Result<()> {
+            let mut start = 0;
+            for cut in pretok
+                .split_points(doc, SEGMENT_BYTES)
+                .into_iter()
+                .chain([doc.len()])
+            {
+                batch.push(Segment {
+                    text: doc[start..cut].to_owned(),
+                    starts_doc: start == 0,
+                    val,
+                });
+                batch_bytes += cut - start;
+                start = cut;
+                if batch_bytes >= BATCH_BYTES {
+                    run(batch, stats)?;
+                    batch_bytes = 0;
+                }
+            }
+            Ok(())
+        };
+        for source in sources {
+            for_each_document(source, opts.errors, |doc| {
+                if split_single {
+                    // nanoGPT's split: train = the first int(n * (1 - f)) characters.
+                    let chars = doc.chars().count();
+                    let keep = (chars as f64 * (1.0 - opts.val_fraction)) as usize;
+                    let at = doc.char_indices().nth(keep).map_or(doc.len(), |(i, _)| i);
+                    add_doc(&doc[..at], false, &mut batch, &mut stats)?;
+                    if at < doc.len() {
+                        add_doc(&doc[at..], true, &mut batch, &mut stats)?;
+                    }
+                } else {
+                    add_doc(doc, doc_index >= n_docs - n_val, &mut batch, &mut stats)?;
+                }
+                doc_index += 1;
+                Ok(())
+            })?;
+        }
+        run(&mut batch, &mut stats)?;
+        train.flush()?;
+        val.flush()
+    })();
+    let temps: Vec<(PathBuf, String)> = train.done.into_iter().chain(val.done).collect();
+    if let Err(e) = result {
+        for (tmp, _) in &temps {
+            let _ = std::fs::remove_file(tmp);
+        }
+        return Err(e);
+    }
+    for (tmp, name) in &temps {
+        std::fs::rename(tmp, opts.out_dir.join(name)).map_err(|e| Error::io(tmp, e))?;
+        if name.starts_with("train") {
+            stats.train.shards.push(name.clone());
+        } else {
+            stats.val.shards.push(name.clone());
+        }
+    }
+    Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pretokenize::Pretokenizer;
+
+    fn byte_encoder() -> Encoder {
+        let tokens: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
+        Encoder::new(
+            tokens,
+            vec![("<|endoftext|>".into(), 256)],
+            Pretokenizer::new("gpt2").unwrap(),
+        )
+        .unwrap()
+    }
+
+    fn read_tokens(path: &Path) -> Vec<u32> {
+        let bytes = std::fs::read(path).unwrap();
+        let header: Vec<i32> = bytes[..1024]
+            .chunks(4)
+            .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(header[0], MAGIC_U16);
+        let toks: Vec<u32> = bytes[1024..]
+            .chunks(2)
+            .map(|c| u16::from_le_bytes(c.try_into().unwrap()) as u32)
+            .collect();
+        assert_eq!(toks.len(), header[2] as usize);
+        toks
+    }
+
+    #[test]
+    fn documents_round_trip_through_shards() {
+        let dir = std::env::temp_dir().join(format!("sg-corpus-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let input = dir.join("in.txt");
+        std::fs::write(&input, "first doc\n===\nsecond\n===\n\n===\nthird one").unwrap();
+        let sources = [Source {
+            path: input,
+            kind: SourceKind::Text {
+                separator: Some("\n===\n".into()),
+            },
+        }];
+        let opts = ShardOptions {
+            out_dir: dir.clone(),
+            val_fraction: 0.3,
+            shard_tokens: 7,
+            dtype: Dtype::U16,
+            errors: Utf8Errors::Strict,
+        };
+        let enc = byte_encoder();
+        let stats = tokenize_corpus(&enc, 256, &sources, &opts, None, |_| {}, || false).unwrap();
+        assert_eq!((stats.train.documents, stats.val.documents), (2, 1));
+        let mut all = Vec::new();
+        for name in stats.train.shards.iter().chain(&stats.val.shards) {
+            all.extend(read_tokens(&dir.join(name)));
+        }
+        let text = enc.decode_bytes(&all).unwrap();
+        assert_eq!(
+            String::from_utf8(text).unwrap(),
+            "<|endoftext|>first doc<|endoftext|>second<|endoftext|>third one"
+        );
+        assert!(std::fs::read_dir(&dir).unwrap().all(|e| !e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .ends_with(".tmp")));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
