@@ -329,48 +329,71 @@ fn merge_short(
     }
 }
 
-/// BPE on a long piece with a lazy min-heap over (rank, start) and a linked list of parts:
-/// O(n log n). Heap entries record the end of the pair they describe; an entry is stale when
-/// its left part was merged away or the pair no longer ends there.
+/// BPE on a long piece: a lazy min-heap of packed `(rank << 32) | start` keys over a linked
+/// list of parts, O(n log n). Memory is about 28 bytes per input byte and mostly sequential,
+/// which is what keeps multi-megabyte pieces close to linear in practice.
+///
+/// `pair_rank[s]` is the rank of the pair starting at part `s` (`Rank::MAX` if that pair is
+/// not a token or `s` is no longer a part start); a heap entry is current iff it still equals
+/// it. Equal ranks mean equal bytes, hence the same span, so a current entry always describes
+/// the pair to merge. Ties in rank pop the smallest start first: leftmost, as in `merge_short`.
 fn merge_long(ranks: &FxHashMap<Vec<u8>, Rank>, piece: &[u8], mut emit: impl FnMut(usize, usize)) {
     let n = piece.len();
-    // Parts are named by their start offset; end[s] is the end of the part starting at s,
-    // prev[s] the start of the part before it. `alive` marks current part starts.
-    let mut end: Vec<usize> = (1..=n).collect();
-    let mut prev: Vec<usize> = (0..n).map(|i| i.wrapping_sub(1)).collect();
-    let mut alive = vec![true; n];
-    let mut heap: BinaryHeap<Reverse<(Rank, usize, usize)>> = BinaryHeap::with_capacity(n);
-    let push = |heap: &mut BinaryHeap<_>, s: usize, e: usize| {
-        if let Some(&r) = ranks.get(&piece[s..e]) {
-            heap.push(Reverse((r, s, e)));
-        }
-    };
-    for i in 0..n - 1 {
-        push(&mut heap, i, i + 2);
-    }
-    while let Some(Reverse((_, s, e))) = heap.pop() {
-        if !alive[s] {
+    debug_assert!(n < u32::MAX as usize);
+    let rank_of = |s: usize, e: usize| ranks.get(&piece[s..e]).copied().unwrap_or(Rank::MAX);
+    // end[s]: end of the part starting at s; prev[s]: start of the part before it.
+    let mut end: Vec<u32> = (1..=n as u32).collect();
+    let mut prev: Vec<u32> = (0..n as u32).map(|i| i.wrapping_sub(1)).collect();
+    let mut pair_rank: Vec<Rank> = (0..n)
+        .map(|i| {
+            if i + 1 < n {
+                rank_of(i, i + 2)
+            } else {
+                Rank::MAX
+            }
+        })
+        .collect();
+    let key = |r: Rank, s: usize| Reverse(((r as u64) << 32) | s as u64);
+    let mut heap: BinaryHeap<Reverse<u64>> = pair_rank
+        .iter()
+        .enumerate()
+        .filter(|&(_, &r)| r != Rank::MAX)
+        .map(|(s, &r)| key(r, s))
+        .collect();
+    while let Some(Reverse(k)) = heap.pop() {
+        let (r, s) = ((k >> 32) as Rank, (k & 0xFFFF_FFFF) as usize);
+        if pair_rank[s] != r {
             continue;
         }
-        let mid = end[s];
-        if mid >= n || end[mid] != e {
-            continue;
-        }
-        // Join the part at `s` with the part at `mid`.
-        alive[mid] = false;
-        end[s] = e;
+        // Join the part at s with the next one.
+        let mid = end[s] as usize;
+        let e = end[mid] as usize;
+        end[s] = e as u32;
+        pair_rank[mid] = Rank::MAX;
+        pair_rank[s] = if e < n {
+            rank_of(s, end[e] as usize)
+        } else {
+            Rank::MAX
+        };
         if e < n {
-            prev[e] = s;
-            push(&mut heap, s, end[e]);
+            prev[e] = s as u32;
+        }
+        if pair_rank[s] != Rank::MAX {
+            heap.push(key(pair_rank[s], s));
         }
         if s > 0 {
-            push(&mut heap, prev[s], e);
+            let p = prev[s] as usize;
+            pair_rank[p] = rank_of(p, e);
+            if pair_rank[p] != Rank::MAX {
+                heap.push(key(pair_rank[p], p));
+            }
         }
     }
     let mut s = 0;
     while s < n {
-        emit(s, end[s]);
-        s = end[s];
+        let e = end[s] as usize;
+        emit(s, e);
+        s = e;
     }
 }
 

@@ -6,6 +6,7 @@ pub mod corpus;
 pub mod encoder;
 pub mod error;
 pub mod pretokenize;
+mod scan;
 pub mod trainer;
 
 #[cfg(feature = "python")]

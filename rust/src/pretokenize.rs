@@ -49,6 +49,8 @@ pub struct Pretokenizer {
     regex: fancy_regex::Regex,
     pattern: String,
     named: bool,
+    /// A hand-written scanner equal to `regex`, where we have one (see `scan.rs`).
+    scanner: Option<fn(&str, usize) -> usize>,
 }
 
 impl Pretokenizer {
@@ -63,11 +65,23 @@ impl Pretokenizer {
             .backtrack_limit(100_000_000)
             .build()
             .map_err(|e| Error::InvalidPattern(e.to_string()))?;
+        let scanner: Option<fn(&str, usize) -> usize> = match pattern {
+            GPT2_PATTERN => Some(crate::scan::gpt2_piece_end),
+            CL100K_PATTERN => Some(crate::scan::cl100k_piece_end),
+            _ => None,
+        };
         Ok(Pretokenizer {
             regex,
             pattern: pattern.to_string(),
             named,
+            scanner,
         })
+    }
+
+    /// The same pattern evaluated by the regex engine only (to test the scanners).
+    pub fn without_scanner(mut self) -> Self {
+        self.scanner = None;
+        self
     }
 
     /// The regex source string.
@@ -78,6 +92,15 @@ impl Pretokenizer {
     /// Calls `f` with every piece of `text`, in order. Text between matches (possible only
     /// with custom patterns that do not cover every character) is dropped, as in tiktoken.
     pub fn for_each_piece<'t>(&self, text: &'t str, mut f: impl FnMut(&'t str)) -> Result<()> {
+        if let Some(scan) = self.scanner {
+            let mut i = 0;
+            while i < text.len() {
+                let end = scan(text, i);
+                f(&text[i..end]);
+                i = end;
+            }
+            return Ok(());
+        }
         for m in self.regex.find_iter(text) {
             let m = m.map_err(|e| Error::RegexRuntime(e.to_string()))?;
             // An empty match carries no bytes; skipping it keeps custom patterns like `a*` sane.

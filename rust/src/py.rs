@@ -441,10 +441,20 @@ fn tokenize_corpus(
     Ok(out)
 }
 
-/// The pieces that `pattern` (a name or a regex) splits `text` into.
+/// The pieces that `pattern` (a name or a regex) splits `text` into; `regex_only` bypasses
+/// the hand-written scanners.
 #[pyfunction]
-fn pretokenize(py: Python<'_>, pattern: &str, text: &str) -> PyResult<Vec<String>> {
-    let pretok = Pretokenizer::new(pattern).map_err(to_py)?;
+#[pyo3(signature = (pattern, text, regex_only=false))]
+fn pretokenize(
+    py: Python<'_>,
+    pattern: &str,
+    text: &str,
+    regex_only: bool,
+) -> PyResult<Vec<String>> {
+    let mut pretok = Pretokenizer::new(pattern).map_err(to_py)?;
+    if regex_only {
+        pretok = pretok.without_scanner();
+    }
     run(py, || {
         Ok(pretok
             .pieces(text)?

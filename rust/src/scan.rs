@@ -1,0 +1,340 @@
+//! Hand-written pre-tokenizers for the GPT-2 and cl100k patterns.
+//!
+//! Each scanner returns exactly the matches of its regex (checked against fancy-regex here
+//! and against Python's `regex` in the property tests) several times faster than the
+//! backtracking engine. The Unicode classes come from `regex-syntax`, the same tables the
+//! regex engine uses, so both agree on every code point.
+//!
+//! The comments on each scanner derive its rules from the regex, alternative by alternative:
+//! at position `i` the regex tries alternatives in order and takes the first that matches.
+
+use std::sync::OnceLock;
+
+use regex_syntax::hir::{Class, HirKind};
+
+const L: u8 = 1; // \p{L}
+const N: u8 = 2; // \p{N}
+const S: u8 = 4; // \s (White_Space)
+
+struct Classes {
+    bmp: Vec<u8>,
+    astral: Vec<(u32, u32, u8)>,
+}
+
+fn ranges(class: &str) -> Vec<(u32, u32)> {
+    let hir = regex_syntax::Parser::new()
+        .parse(class)
+        .expect("valid class");
+    match hir.kind() {
+        HirKind::Class(Class::Unicode(c)) => c
+            .ranges()
+            .iter()
+            .map(|r| (r.start() as u32, r.end() as u32))
+            .collect(),
+        _ => unreachable!("a Unicode class"),
+    }
+}
+
+fn classes() -> &'static Classes {
+    static CLASSES: OnceLock<Classes> = OnceLock::new();
+    CLASSES.get_or_init(|| {
+        let mut bmp = vec![0u8; 0x10000];
+        let mut astral: Vec<(u32, u32, u8)> = Vec::new();
+        for (flag, class) in [(L, r"\p{L}"), (N, r"\p{N}"), (S, r"\s")] {
+            for (a, b) in ranges(class) {
+                for c in a..=b.min(0xFFFF) {
+                    bmp[c as usize] |= flag;
+                }
+                if b > 0xFFFF {
+                    astral.push((a.max(0x10000), b, flag));
+                }
+            }
+        }
+        // The three classes are disjoint, so astral ranges never overlap.
+        astral.sort_unstable();
+        Classes { bmp, astral }
+    })
+}
+
+#[inline]
+fn class_of(c: char) -> u8 {
+    let t = classes();
+    let c = c as u32;
+    if c < 0x10000 {
+        return t.bmp[c as usize];
+    }
+    match t.astral.binary_search_by(|&(a, b, _)| {
+        if b < c {
+            std::cmp::Ordering::Less
+        } else if a > c {
+            std::cmp::Ordering::Greater
+        } else {
+            std::cmp::Ordering::Equal
+        }
+    }) {
+        Ok(k) => t.astral[k].2,
+        Err(_) => 0,
+    }
+}
+
+/// The character at byte `i` with its class and UTF-8 length.
+#[inline]
+fn at(s: &str, i: usize) -> Option<(char, u8, usize)> {
+    let b = *s.as_bytes().get(i)?;
+    if b < 0x80 {
+        return Some((b as char, ascii_class(b), 1));
+    }
+    let c = s[i..].chars().next()?;
+    Some((c, class_of(c), c.len_utf8()))
+}
+
+#[inline]
+fn ascii_class(b: u8) -> u8 {
+    static TABLE: OnceLock<[u8; 128]> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        let mut t = [0u8; 128];
+        for (b, slot) in t.iter_mut().enumerate() {
+            *slot = class_of(b as u8 as char);
+        }
+        t
+    })[b as usize]
+}
+
+/// "Other": neither whitespace, letter nor number (the `[^\s\p{L}\p{N}]` class).
+#[inline]
+fn is_other(cls: u8) -> bool {
+    cls == 0
+}
+
+/// End of the run of characters from `i` whose class satisfies `keep`.
+#[inline]
+fn run_end(s: &str, mut i: usize, keep: impl Fn(char, u8) -> bool) -> usize {
+    while let Some((c, cls, n)) = at(s, i) {
+        if !keep(c, cls) {
+            break;
+        }
+        i += n;
+    }
+    i
+}
+
+/// Length of a contraction suffix (`s d m t ll ve re`) at the start of `s`.
+/// `fold`: case-insensitive, using Unicode simple case folding as the regex engines do
+/// (so `ſ`, U+017F LATIN SMALL LETTER LONG S, matches `s`).
+#[inline]
+fn contraction(s: &str, fold: bool) -> Option<usize> {
+    let mut it = s.chars();
+    let c1 = it.next()?;
+    let eq = |c: char, want: char| -> bool {
+        c == want || (fold && (c.to_ascii_lowercase() == want || (want == 's' && c == '\u{17F}')))
+    };
+    for one in ['s', 'd', 'm', 't'] {
+        if eq(c1, one) {
+            return Some(c1.len_utf8());
+        }
+    }
+    let c2 = it.next()?;
+    for (a, b) in [('l', 'l'), ('v', 'e'), ('r', 'e')] {
+        if eq(c1, a) && eq(c2, b) {
+            return Some(c1.len_utf8() + c2.len_utf8());
+        }
+    }
+    None
+}
+
+/// The end of the whitespace handling shared by both patterns once no earlier alternative
+/// matched at whitespace `i` whose run ends at `r`: `\s++$` takes the run if it ends the text;
+/// `\s+(?!\S)` takes all but the last whitespace character if the run has two or more;
+/// otherwise `\s` takes the single character.
+#[inline]
+fn whitespace_tail(s: &str, i: usize, r: usize, first_len: usize) -> usize {
+    if r == s.len() {
+        return r;
+    }
+    let last = s[..r].chars().next_back().map_or(0, char::len_utf8);
+    if r - last > i {
+        r - last
+    } else {
+        i + first_len
+    }
+}
+
+/// `'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s`
+pub fn gpt2_piece_end(s: &str, i: usize) -> usize {
+    let Some((c, cls, n)) = at(s, i) else {
+        return i;
+    };
+    // Alternative 1: an apostrophe contraction.
+    if c == '\'' {
+        if let Some(k) = contraction(&s[i + 1..], false) {
+            return i + 1 + k;
+        }
+    }
+    // Alternatives 2-4: an optional space, then a run of one kind (letters, numbers or
+    // other). A space followed by any non-space character always takes one of them.
+    let (start, kind) = if c == ' ' {
+        match at(s, i + 1) {
+            Some((_, next, _)) if next & S == 0 => (i + 1, next),
+            _ => (i, cls),
+        }
+    } else {
+        (i, cls)
+    };
+    if kind & S == 0 {
+        let same = |_: char, k: u8| k == kind;
+        return run_end(s, start, same);
+    }
+    // Alternatives 5-7 on a whitespace run.
+    let r = run_end(s, i, |_, k| k & S != 0);
+    whitespace_tail(s, i, r, n)
+}
+
+/// `'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s`
+pub fn cl100k_piece_end(s: &str, i: usize) -> usize {
+    let Some((c, cls, n)) = at(s, i) else {
+        return i;
+    };
+    // Alternative 1: a contraction, case-insensitive.
+    if c == '\'' {
+        if let Some(k) = contraction(&s[i + 1..], true) {
+            return i + 1 + k;
+        }
+    }
+    let letters = |_: char, k: u8| k == L;
+    // Alternative 2: letters, optionally preceded by one character that is not \r, \n, a
+    // letter or a number (possessive: if that character is there but no letter follows,
+    // the alternative fails rather than retrying without it).
+    if cls == L {
+        return run_end(s, i, letters);
+    }
+    if cls & N == 0 && c != '\r' && c != '\n' {
+        if let Some((_, next, _)) = at(s, i + n) {
+            if next == L {
+                return run_end(s, i + n, letters);
+            }
+        }
+    }
+    // Alternative 3: one to three numbers.
+    if cls == N {
+        let mut j = i + n;
+        for _ in 0..2 {
+            match at(s, j) {
+                Some((_, N, m)) => j += m,
+                _ => break,
+            }
+        }
+        return j;
+    }
+    // Alternative 4: an optional space, a run of "other" characters, then any \r/\n run.
+    let start = if c == ' ' {
+        match at(s, i + 1) {
+            Some((_, next, _)) if is_other(next) => i + 1,
+            _ => i,
+        }
+    } else {
+        i
+    };
+    if let Some((_, k, _)) = at(s, start) {
+        if is_other(k) {
+            let j = run_end(s, start, |_, k| is_other(k));
+            return run_end(s, j, |ch, _| ch == '\r' || ch == '\n');
+        }
+    }
+    // Here `c` is whitespace. Alternative 5 (`\s++$`) is `whitespace_tail`'s first case;
+    // alternative 6 (`\s*[\r\n]`) comes before the rest of it: the greedy `\s*` backs off to
+    // the last \r or \n of the run.
+    let r = run_end(s, i, |_, k| k & S != 0);
+    if r == s.len() {
+        return r;
+    }
+    if let Some(k) = s.as_bytes()[i..r]
+        .iter()
+        .rposition(|&b| b == b'\r' || b == b'\n')
+    {
+        return i + k + 1;
+    }
+    whitespace_tail(s, i, r, n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pretokenize::{CL100K_PATTERN, GPT2_PATTERN};
+
+    fn by_regex(re: &fancy_regex::Regex, s: &str) -> Vec<String> {
+        re.find_iter(s)
+            .map(|m| m.unwrap().as_str().to_string())
+            .collect()
+    }
+
+    fn by_scan(f: fn(&str, usize) -> usize, s: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < s.len() {
+            let e = f(s, i);
+            assert!(e > i, "no progress at {i} in {s:?}");
+            out.push(s[i..e].to_string());
+            i = e;
+        }
+        out
+    }
+
+    /// A small deterministic generator of adversarial strings (the Python property tests
+    /// cover far more; this keeps `cargo test` self-contained).
+    fn samples() -> Vec<String> {
+        let atoms = [
+            "'s", "'S", "'ll", "'LL", "'Re", "'ve", "'\u{17F}", "'x", "''", " ", "  ", "\t", "\n",
+            "\r\n", "\r", " \n", "\u{a0}", "\u{3000}", "0", "12", "1234", "٣", "½", "a", "The",
+            " the", "é", "e\u{301}", "😀", "中文", "!", "?!", "(", "/", "\u{0}", "\u{1b}", "𝔘",
+            "𝟙", "\u{2028}",
+        ];
+        let mut out = Vec::new();
+        let mut state = 0x9E3779B97F4A7C15u64;
+        for _ in 0..4000 {
+            let mut s = String::new();
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let len = (state % 12) as usize;
+            for _ in 0..len {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                s.push_str(atoms[(state % atoms.len() as u64) as usize]);
+            }
+            out.push(s);
+        }
+        out
+    }
+
+    #[test]
+    fn gpt2_scanner_equals_regex() {
+        let re = fancy_regex::Regex::new(GPT2_PATTERN).unwrap();
+        for s in samples() {
+            assert_eq!(by_scan(gpt2_piece_end, &s), by_regex(&re, &s), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn cl100k_scanner_equals_regex() {
+        let re = fancy_regex::Regex::new(CL100K_PATTERN).unwrap();
+        for s in samples() {
+            assert_eq!(by_scan(cl100k_piece_end, &s), by_regex(&re, &s), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn classes_match_the_regex_engine() {
+        let l = regex::Regex::new(r"^\p{L}$").unwrap();
+        let n = regex::Regex::new(r"^\p{N}$").unwrap();
+        let w = regex::Regex::new(r"^\s$").unwrap();
+        for cp in (0u32..0x110000).step_by(7) {
+            if let Some(c) = char::from_u32(cp) {
+                let s = c.to_string();
+                let flag = |re: &regex::Regex, f: u8| if re.is_match(&s) { f } else { 0 };
+                let want = flag(&l, L) | flag(&n, N) | flag(&w, S);
+                assert_eq!(class_of(c), want, "U+{cp:04X}");
+            }
+        }
+    }
+}
