@@ -3,6 +3,7 @@
 //! the adjacent pair whose concatenation has the lowest rank (= id) is merged, leftmost first
 //! on ties, until no adjacent pair concatenates to a token.
 
+use std::cell::RefCell;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashSet};
 
@@ -15,14 +16,24 @@ pub type Rank = u32;
 
 /// Pieces longer than this use the heap-based merge, which is O(n log n) instead of O(n^2).
 const LONG_PIECE: usize = 128;
+/// Entries of each thread's cache of merged pieces before it is cleared.
+const CACHE_ENTRIES: usize = 1 << 16;
+
+/// Per-thread memo of pieces that needed merging: natural text repeats the same few
+/// thousand words, and a hash probe is much cheaper than re-running BPE on them.
+type PieceMap = FxHashMap<Box<[u8]>, Box<[Rank]>>;
+#[derive(Default)]
+struct PieceCache(RefCell<PieceMap>);
 
 /// A byte-level BPE vocabulary with its pre-tokenizer and special tokens.
-#[derive(Debug, Clone)]
 pub struct Encoder {
     /// id -> bytes, for ids `0..tokens.len()`. Byte strings are distinct.
     tokens: Vec<Vec<u8>>,
-    /// bytes -> id; the id doubles as the merge rank.
+    /// bytes -> id; the id doubles as the merge rank. Tokens of up to 7 bytes are also in
+    /// `short`, keyed by their bytes packed in a u64: most probes are short, and a pointer-free
+    /// table avoids a cache miss on the key per probe.
     ranks: FxHashMap<Vec<u8>, Rank>,
+    short: FxHashMap<u64, Rank>,
     /// id of each single byte (identity for trained vocabularies).
     byte_ids: [Rank; 256],
     specials: FxHashMap<String, Rank>,
@@ -30,6 +41,33 @@ pub struct Encoder {
     /// Matches any special token (leftmost-first, longest listed first); `None` without specials.
     special_regex: Option<regex::Regex>,
     pretokenizer: Pretokenizer,
+    cache: thread_local::ThreadLocal<PieceCache>,
+}
+
+impl Clone for Encoder {
+    fn clone(&self) -> Self {
+        Encoder {
+            tokens: self.tokens.clone(),
+            ranks: self.ranks.clone(),
+            short: self.short.clone(),
+            byte_ids: self.byte_ids,
+            specials: self.specials.clone(),
+            special_by_id: self.special_by_id.clone(),
+            special_regex: self.special_regex.clone(),
+            pretokenizer: self.pretokenizer.clone(),
+            cache: thread_local::ThreadLocal::new(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Encoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Encoder")
+            .field("n_tokens", &self.tokens.len())
+            .field("specials", &self.specials)
+            .field("pattern", &self.pretokenizer.pattern())
+            .finish()
+    }
 }
 
 impl Encoder {
@@ -81,14 +119,21 @@ impl Encoder {
             special_by_id.insert(*id, s.clone());
         }
         let special_regex = build_literal_regex(specials.iter().map(|(s, _)| s.as_str()))?;
+        let short = ranks
+            .iter()
+            .filter(|(k, _)| k.len() <= 7)
+            .map(|(k, &v)| (pack(k), v))
+            .collect();
         Ok(Encoder {
             tokens,
             ranks,
+            short,
             byte_ids,
             specials: special_map,
             special_by_id,
             special_regex,
             pretokenizer,
+            cache: thread_local::ThreadLocal::new(),
         })
     }
 
@@ -119,24 +164,35 @@ impl Encoder {
         &self.pretokenizer
     }
 
+    #[inline]
     pub fn rank(&self, bytes: &[u8]) -> Option<Rank> {
-        self.ranks.get(bytes).copied()
+        if bytes.len() <= 7 {
+            self.short.get(&pack(bytes)).copied()
+        } else {
+            self.ranks.get(bytes).copied()
+        }
     }
 
     /// Encodes one pre-tokenized piece, appending ids to `out`.
     pub fn encode_piece(&self, piece: &[u8], out: &mut Vec<Rank>) {
-        if let Some(&id) = self.ranks.get(piece) {
+        if let Some(id) = self.rank(piece) {
             out.push(id);
         } else if piece.len() == 1 {
             out.push(self.byte_ids[piece[0] as usize]);
         } else if piece.len() <= LONG_PIECE {
-            merge_short(&self.ranks, piece, Rank::MAX, |s, e| {
-                out.push(self.ranks[&piece[s..e]]);
-            });
+            let mut cache = self.cache.get_or_default().0.borrow_mut();
+            if let Some(ids) = cache.get(piece) {
+                out.extend_from_slice(ids);
+                return;
+            }
+            let start = out.len();
+            merge_short(|b| self.rank(b), piece, Rank::MAX, |r| out.push(r));
+            if cache.len() >= CACHE_ENTRIES {
+                cache.clear();
+            }
+            cache.insert(piece.into(), out[start..].into());
         } else {
-            merge_long(&self.ranks, piece, |s, e| {
-                out.push(self.ranks[&piece[s..e]])
-            });
+            merge_long(|b| self.rank(b), piece, |r| out.push(r));
         }
     }
 
@@ -254,9 +310,7 @@ impl Encoder {
                 )));
             }
             let mut parts = Vec::with_capacity(2);
-            merge_short(&self.ranks, t, id as Rank, |s, e| {
-                parts.push(self.ranks[&t[s..e]])
-            });
+            merge_short(|b| self.rank(b), t, id as Rank, |r| parts.push(r));
             if parts.len() != 2 {
                 return Err(Error::InvalidVocab(format!(
                     "token {id} ({t:?}) is not the merge of two lower-ranked tokens"
@@ -286,17 +340,26 @@ fn build_literal_regex<'a>(lits: impl Iterator<Item = &'a str>) -> Result<Option
         .map_err(|e| Error::Value(e.to_string()))
 }
 
+/// The bytes of a short (at most 7 bytes) string packed with its length into a u64.
+#[inline]
+fn pack(b: &[u8]) -> u64 {
+    let mut buf = [0u8; 8];
+    buf[..b.len()].copy_from_slice(b);
+    buf[7] = b.len() as u8;
+    u64::from_le_bytes(buf)
+}
+
 /// BPE on a short piece: O(n^2) in the worst case but with tiny constants. Only tokens with
-/// rank below `max_rank` may be formed. Calls `emit(start, end)` for each final part.
+/// rank below `max_rank` may be formed. Calls `emit(rank)` for each final part.
 fn merge_short(
-    ranks: &FxHashMap<Vec<u8>, Rank>,
+    rank: impl Fn(&[u8]) -> Option<Rank>,
     piece: &[u8],
     max_rank: Rank,
-    mut emit: impl FnMut(usize, usize),
+    mut emit: impl FnMut(Rank),
 ) {
     let rank_of = |s: usize, e: usize| -> Rank {
-        match ranks.get(&piece[s..e]) {
-            Some(&r) if r < max_rank => r,
+        match rank(&piece[s..e]) {
+            Some(r) if r < max_rank => r,
             _ => Rank::MAX,
         }
     };
@@ -325,7 +388,8 @@ fn merge_short(
         }
     }
     for w in bounds.windows(2) {
-        emit(w[0], w[1]);
+        // A final part is a single byte or a merged token, so it always has a rank.
+        emit(rank(&piece[w[0]..w[1]]).unwrap_or(Rank::MAX));
     }
 }
 
@@ -337,10 +401,10 @@ fn merge_short(
 /// not a token or `s` is no longer a part start); a heap entry is current iff it still equals
 /// it. Equal ranks mean equal bytes, hence the same span, so a current entry always describes
 /// the pair to merge. Ties in rank pop the smallest start first: leftmost, as in `merge_short`.
-fn merge_long(ranks: &FxHashMap<Vec<u8>, Rank>, piece: &[u8], mut emit: impl FnMut(usize, usize)) {
+fn merge_long(rank: impl Fn(&[u8]) -> Option<Rank>, piece: &[u8], mut emit: impl FnMut(Rank)) {
     let n = piece.len();
     debug_assert!(n < u32::MAX as usize);
-    let rank_of = |s: usize, e: usize| ranks.get(&piece[s..e]).copied().unwrap_or(Rank::MAX);
+    let rank_of = |s: usize, e: usize| rank(&piece[s..e]).unwrap_or(Rank::MAX);
     // end[s]: end of the part starting at s; prev[s]: start of the part before it.
     let mut end: Vec<u32> = (1..=n as u32).collect();
     let mut prev: Vec<u32> = (0..n as u32).map(|i| i.wrapping_sub(1)).collect();
@@ -392,7 +456,7 @@ fn merge_long(ranks: &FxHashMap<Vec<u8>, Rank>, piece: &[u8], mut emit: impl FnM
     let mut s = 0;
     while s < n {
         let e = end[s] as usize;
-        emit(s, e);
+        emit(rank(&piece[s..e]).unwrap_or(Rank::MAX));
         s = e;
     }
 }
@@ -426,9 +490,9 @@ mod tests {
         for n in [1usize, 2, 3, 5, 127, 128, 129, 300, 1001] {
             let s: String = "a".repeat(n) + "b";
             let mut short = Vec::new();
-            merge_short(&e.ranks, s.as_bytes(), Rank::MAX, |a, b| short.push((a, b)));
+            merge_short(|b| e.rank(b), s.as_bytes(), Rank::MAX, |r| short.push(r));
             let mut long = Vec::new();
-            merge_long(&e.ranks, s.as_bytes(), |a, b| long.push((a, b)));
+            merge_long(|b| e.rank(b), s.as_bytes(), |r| long.push(r));
             assert_eq!(short, long, "n={n}");
         }
     }
