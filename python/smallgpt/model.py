@@ -1,0 +1,607 @@
+"""A small, readable decoder-only GPT.
+
+The architecture is GPT-2's: token embeddings plus learned absolute positions (or rotary
+embeddings), ``n_layer`` pre-LayerNorm blocks of causal self-attention and a 4x feed-forward
+network, a final LayerNorm and an output head tied to the token embedding.
+
+Parameter names follow the usual ``transformer.wte / transformer.h[i].attn.c_attn / lm_head``
+layout so that GPT-2 checkpoints from Hugging Face map onto this module one to one
+(:meth:`GPT.from_huggingface`, :meth:`GPT.save_huggingface`).
+
+Everything needed for fast decoding lives here too: :class:`KVCache` is a preallocated
+per-layer key/value store that :meth:`GPT.forward` fills when one is passed in. The sampling
+loops themselves are in :mod:`smallgpt.generate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ["GPT", "GPTConfig", "KVCache"]
+
+_ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
+_POSITIONS = ("learned", "rope")
+
+# Hugging Face `activation_function` names and the exact function each one computes.
+_HF_TO_ACT = {
+    "relu": "relu",
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+}
+_ACT_TO_HF = {"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_new"}
+
+
+@dataclass
+class GPTConfig:
+    """Shape and options of a :class:`GPT`.
+
+    Attributes:
+        vocab_size: Number of token ids (the embedding has this many rows).
+        block_size: Longest sequence the model accepts (context length).
+        n_layer: Number of transformer blocks.
+        n_head: Attention heads per block; must divide ``n_embd``.
+        n_embd: Width of the residual stream.
+        dropout: Dropout probability on embeddings, attention weights and residual branches.
+        bias: Whether Linear and LayerNorm layers have a bias (GPT-2: True).
+        activation: Feed-forward non-linearity: ``"relu"``, ``"gelu"`` (exact) or
+            ``"gelu_tanh"`` (GPT-2's tanh approximation).
+        tie_embeddings: Share the output head's weight with the token embedding.
+        position: ``"learned"`` absolute position embeddings or ``"rope"`` rotary embeddings.
+        rope_theta: Base of the rotary frequencies (``position="rope"`` only).
+        layer_norm_eps: Epsilon of every LayerNorm (GPT-2: 1e-5).
+    """
+
+    vocab_size: int = 50304
+    block_size: int = 1024
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True
+    activation: str = "gelu_tanh"
+    tie_embeddings: bool = True
+    position: str = "learned"
+    rope_theta: float = 10000.0
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(
+                f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
+            )
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.activation not in _ACTIVATIONS:
+            raise ValueError(
+                f"GPTConfig.activation must be one of {_ACTIVATIONS}, got {self.activation!r}"
+            )
+        if self.position not in _POSITIONS:
+            raise ValueError(
+                f"GPTConfig.position must be one of {_POSITIONS}, got {self.position!r}"
+            )
+        if self.position == "rope" and (self.n_embd // self.n_head) % 2 != 0:
+            raise ValueError("rotary positions need an even head size (n_embd // n_head)")
+        if not float(self.rope_theta) > 0.0:
+            raise ValueError(f"GPTConfig.rope_theta must be positive, got {self.rope_theta!r}")
+        if not float(self.layer_norm_eps) > 0.0:
+            raise ValueError(
+                f"GPTConfig.layer_norm_eps must be positive, got {self.layer_norm_eps!r}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        """Size of one attention head."""
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain ``dict`` of the fields (JSON-serialisable)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
+        """Build a config from a dict, rejecting unknown keys with a ``ValueError``."""
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - valid)
+        if unknown:
+            raise ValueError(
+                f"unknown GPTConfig key(s) {unknown}; valid keys: {sorted(valid)}"
+            )
+        return cls(**d)
+
+
+class KVCache:
+    """Preallocated keys and values for every layer, for incremental decoding.
+
+    ``k`` and ``v`` have shape ``(n_layer, batch, n_head, max_len, head_dim)``. ``pos`` is the
+    number of positions already written; :meth:`GPT.forward` with ``cache=`` appends the new
+    positions and advances it. ``max_len`` is at most the model's ``block_size``; callers that
+    want to generate past it must rebuild the cache from a cropped window
+    (:mod:`smallgpt.generate` does this).
+    """
+
+    def __init__(
+        self,
+        config: GPTConfig,
+        batch_size: int,
+        max_len: int | None = None,
+        *,
+        device: Union[torch.device, str, None] = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        max_len = config.block_size if max_len is None else max_len
+        if not 0 < max_len <= config.block_size:
+            raise ValueError(f"cache length must be in [1, {config.block_size}], got {max_len}")
+        shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0
+
+    @property
+    def max_len(self) -> int:
+        """Number of positions the cache can hold."""
+        return self.k.shape[3]
+
+    @property
+    def batch_size(self) -> int:
+        """Number of sequences in the cache."""
+        return self.k.shape[1]
+
+    def reset(self) -> None:
+        """Forget every cached position (the storage is kept)."""
+        self.pos = 0
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep/duplicate sequences: row ``i`` becomes old row ``index[i]`` (beam search).
+
+        Only the ``pos`` filled positions are copied.
+        """
+        if index.numel() != self.batch_size:
+            raise ValueError(f"reorder needs {self.batch_size} indices, got {index.numel()}")
+        p = self.pos
+        self.k[:, :, :, :p] = self.k[:, index, :, :p]
+        self.v[:, :, :, :p] = self.v[:, index, :, :p]
+
+
+def _rope_tables(config: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    half = config.head_dim // 2
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(half, dtype=torch.float64) / half))
+    angles = torch.outer(torch.arange(config.block_size, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, H, T, D); cos/sin: (T, D/2). Rotate the two halves of each head as pairs.
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    cos = cos.to(x.dtype)
+    sin = sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention through ``F.scaled_dot_product_attention``."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.head_dim = config.head_dim
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q = _apply_rope(q, *rope)
+            k = _apply_rope(k, *rope)
+
+        mask: torch.Tensor | None = None
+        is_causal = True
+        if cache is not None:
+            start = cache.pos
+            cache.k[layer, :, :, start : start + T] = k
+            cache.v[layer, :, :, start : start + T] = v
+            k = cache.k[layer, :, :, : start + T]
+            v = cache.v[layer, :, :, : start + T]
+            if start > 0:
+                # SDPA's is_causal aligns the mask to the top-left corner, which is wrong once
+                # queries start after cached keys; one new query may see everything, several
+                # need an explicit offset mask.
+                is_causal = False
+                if T > 1:
+                    q_pos = torch.arange(start, start + T, device=x.device)[:, None]
+                    k_pos = torch.arange(start + T, device=x.device)[None, :]
+                    mask = k_pos <= q_pos
+
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal and T > 1,
+        )
+        y = self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+        # Skipping the no-op module call matters when decoding one token at a time.
+        return self.resid_dropout(y) if self.training and self.dropout > 0 else y
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward network with 4x expansion."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+        self.activation = config.activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c_fc(x)
+        if self.activation == "relu":
+            h = F.relu(h)
+        elif self.activation == "gelu":
+            h = F.gelu(h)
+        else:
+            h = F.gelu(h, approximate="tanh")
+        h = self.c_proj(h)
+        return self.dropout(h) if self.training and self.dropout.p > 0 else h
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: ``x + attn(ln(x))`` then ``x + mlp(ln(x))``."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        eps = config.layer_norm_eps
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=eps, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=eps, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer language model.
+
+    ``model(idx)`` returns logits of shape ``(B, T, vocab_size)``; ``model(idx, targets)``
+    returns ``(logits, loss)`` where ``loss`` is the mean cross-entropy over positions whose
+    target is not ``-1``.
+
+    Set ``model.gradient_checkpointing = True`` to recompute block activations in the backward
+    pass (less memory, about one extra forward of compute) while training.
+    """
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        if not isinstance(config, GPTConfig):
+            raise TypeError(f"expected a GPTConfig, got {type(config).__name__}")
+        self.config = config
+        self.gradient_checkpointing = False
+
+        modules: dict[str, nn.Module] = {
+            "wte": nn.Embedding(config.vocab_size, config.n_embd),
+            "drop": nn.Dropout(config.dropout),
+            "h": nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+            "ln_f": nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias),
+        }
+        if config.position == "learned":
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        self.transformer = nn.ModuleDict(modules)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+
+        if config.position == "rope":
+            cos, sin = _rope_tables(config)
+            # Not persistent: derived from the config, so checkpoints stay position-free.
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+
+        self.apply(self._init_weights)
+        # GPT-2: residual projections are scaled so the residual stream's variance does not
+        # grow with depth.
+        resid_std = 0.02 / math.sqrt(2 * config.n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=resid_std)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    # ------------------------------------------------------------------ forward
+
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Final (post-``ln_f``) hidden states ``(B, T, n_embd)`` for token ids ``idx``.
+
+        With ``cache``, ``idx`` holds the positions after ``cache.pos`` and the cache is
+        updated in place (``cache.pos`` advances by ``T``).
+        """
+        if idx.dim() != 2:
+            raise ValueError(f"idx must have shape (batch, time), got {tuple(idx.shape)}")
+        B, T = idx.shape
+        start = 0 if cache is None else cache.pos
+        limit = self.config.block_size if cache is None else cache.max_len
+        if start + T > limit:
+            raise ValueError(
+                f"sequence of length {start + T} exceeds the context of {limit} positions"
+            )
+        if cache is not None and cache.batch_size != B:
+            raise ValueError(f"cache holds {cache.batch_size} sequences, idx has {B}")
+
+        x = self.transformer.wte(idx)
+        rope = None
+        if self.config.position == "learned":
+            # A slice of the table equals wpe(arange(start, start + T)) without the lookup.
+            x = x + self.transformer.wpe.weight[start : start + T]
+        else:
+            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+        if self.training and self.config.dropout > 0:
+            x = self.transformer.drop(x)
+
+        use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for i, block in enumerate(self.transformer.h):
+            if use_ckpt and cache is None:
+                x = checkpoint(block, x, rope, use_reentrant=False)
+            else:
+                x = block(x, rope, cache, i)
+        if cache is not None:
+            cache.pos = start + T
+        return self.transformer.ln_f(x)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+    ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Logits for every position, and the loss when ``targets`` is given.
+
+        Args:
+            idx: Token ids, ``(B, T)`` LongTensor with ``T <= block_size``.
+            targets: Optional next-token ids ``(B, T)``; entries equal to ``-1`` are ignored.
+            cache: Optional :class:`KVCache` for incremental decoding (see
+                :meth:`hidden_states`).
+
+        Returns:
+            ``logits`` of shape ``(B, T, vocab_size)``, or ``(logits, loss)`` with targets.
+        """
+        h = self.hidden_states(idx, cache)
+        logits = self.lm_head(h)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1
+        )
+        return logits, loss
+
+    def new_cache(
+        self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None
+    ) -> KVCache:
+        """An empty :class:`KVCache` on the model's device (default length: ``block_size``)."""
+        p = self.transformer.wte.weight
+        return KVCache(
+            self.config, batch_size, max_len, device=p.device, dtype=dtype or p.dtype
+        )
+
+    # ------------------------------------------------------------------ accounting
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Number of parameters.
+
+        With ``non_embedding=True`` (default) the lookup-only tables are left out: the position
+        embedding, and the token embedding when the head is untied. A tied token embedding is
+        counted because it does the output projection's work.
+        """
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            if self.config.position == "learned":
+                n -= self.transformer.wpe.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.transformer.wte.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs (forward + backward) per token at sequence length ``seq_len``.
+
+        ``6 * N`` for the matrix multiplies with the parameters (PaLM appendix B) plus
+        ``12 * n_layer * n_embd * seq_len`` for the attention scores and weighted sums.
+        """
+        c = self.config
+        t = c.block_size if seq_len is None else seq_len
+        return 6.0 * self.num_params(non_embedding=True) + 12.0 * c.n_layer * c.n_embd * t
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs: Any) -> torch.Tensor:
+        """Extend ``idx`` by up to ``max_new_tokens`` tokens (see ``smallgpt.generate``)."""
+        from smallgpt.generate import generate
+
+        return generate(self, idx, max_new_tokens, **kwargs)
+
+    def generate_stream(
+        self, idx: torch.Tensor, max_new_tokens: int, **kwargs: Any
+    ) -> Iterator[torch.Tensor]:
+        """Yield new tokens step by step; see :func:`smallgpt.generate.generate_stream`."""
+        from smallgpt.generate import generate_stream
+
+        return generate_stream(self, idx, max_new_tokens, **kwargs)
+
+    # ------------------------------------------------------------------ Hugging Face GPT-2
+
+    @classmethod
+    def from_huggingface(
+        cls, path: Union[str, os.PathLike], *, device: Union[str, torch.device, None] = None
+    ) -> GPT:
+        """Load a local Hugging Face GPT-2 folder (``config.json`` + weights).
+
+        Reads ``model.safetensors`` or ``pytorch_model.bin``. Hugging Face stores GPT-2's
+        projections as ``Conv1D`` (``in x out``); they are transposed into ``nn.Linear``.
+        No network access: ``path`` must be a folder on disk. The model is returned in eval mode.
+        """
+        folder = Path(path)
+        cfg_path = folder / "config.json"
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"no config.json in {folder}")
+        hf = json.loads(cfg_path.read_text(encoding="utf-8"))
+        if hf.get("model_type", "gpt2") != "gpt2":
+            raise ValueError(f"not a GPT-2 checkpoint (model_type={hf.get('model_type')!r})")
+        if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
+            raise ValueError("GPT-2 attention variants (scale_attn_by_inverse_layer_idx, "
+                             "reorder_and_upcast_attn) are not supported")
+        if hf.get("scale_attn_weights", True) is not True:
+            raise ValueError("scale_attn_weights=False is not supported")
+        act = hf.get("activation_function", "gelu_new")
+        if act not in _HF_TO_ACT:
+            raise ValueError(f"unsupported activation_function {act!r}")
+        config = GPTConfig(
+            vocab_size=int(hf.get("vocab_size", 50257)),
+            block_size=int(hf.get("n_positions", hf.get("n_ctx", 1024))),
+            n_layer=int(hf.get("n_layer", 12)),
+            n_head=int(hf.get("n_head", 12)),
+            n_embd=int(hf.get("n_embd", 768)),
+            dropout=0.0,
+            bias=True,
+            activation=_HF_TO_ACT[act],
+            tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+            position="learned",
+            layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+        )
+
+        st_path = folder / "model.safetensors"
+        bin_path = folder / "pytorch_model.bin"
+        if st_path.is_file():
+            from safetensors.torch import load_file
+
+            sd = load_file(str(st_path))
+        elif bin_path.is_file():
+            sd = torch.load(str(bin_path), map_location="cpu", weights_only=True)
+        else:
+            raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {folder}")
+
+        model = cls(config)
+        ours = model.state_dict()
+        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
+                      "mlp.c_proj.weight")
+        loaded: set[str] = set()
+        for key, tensor in sd.items():
+            name = key if key.startswith(("transformer.", "lm_head.")) else f"transformer.{key}"
+            if name.endswith((".attn.bias", ".attn.masked_bias")):
+                continue  # causal-mask buffers of old checkpoints
+            if name not in ours:
+                raise ValueError(f"unexpected tensor {key!r} in {folder}")
+            if name.endswith(transposed):
+                tensor = tensor.t()
+            if tuple(tensor.shape) != tuple(ours[name].shape):
+                raise ValueError(
+                    f"shape mismatch for {key!r}: {tuple(tensor.shape)} vs "
+                    f"{tuple(ours[name].shape)}"
+                )
+            with torch.no_grad():
+                ours[name].copy_(tensor.to(ours[name].dtype))
+            loaded.add(name)
+        expected = set(ours)
+        if config.tie_embeddings:
+            expected.discard("lm_head.weight")
+            loaded.discard("lm_head.weight")
+        missing = sorted(expected - loaded)
+        if missing:
+            raise ValueError(f"checkpoint in {folder} lacks tensors: {missing[:5]}")
+        model.eval()
+        if device is not None:
+            model.to(device)
+        return model
+
+    def save_huggingface(self, path: Union[str, os.PathLike]) -> None:
+        """Write ``config.json`` + ``model.safetensors`` that ``GPT2LMHeadModel`` loads.
+
+        Only GPT-2-shaped models can be exported: learned positions and biases.
+        """
+        c = self.config
+        if c.position != "learned":
+            raise ValueError("only models with learned positions can be saved as GPT-2")
+        if not c.bias:
+            raise ValueError("only models with bias=True can be saved as GPT-2")
+        from safetensors.torch import save_file
+
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        hf_config = {
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "vocab_size": c.vocab_size,
+            "n_positions": c.block_size,
+            "n_ctx": c.block_size,
+            "n_embd": c.n_embd,
+            "n_layer": c.n_layer,
+            "n_head": c.n_head,
+            "n_inner": None,
+            "activation_function": _ACT_TO_HF[c.activation],
+            "resid_pdrop": c.dropout,
+            "embd_pdrop": c.dropout,
+            "attn_pdrop": c.dropout,
+            "layer_norm_epsilon": c.layer_norm_eps,
+            "initializer_range": 0.02,
+            "scale_attn_weights": True,
+            "use_cache": True,
+            "tie_word_embeddings": c.tie_embeddings,
+        }
+        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
+                      "mlp.c_proj.weight")
+        tensors: dict[str, torch.Tensor] = {}
+        for name, tensor in self.state_dict().items():
+            if name == "lm_head.weight" and c.tie_embeddings:
+                continue  # safetensors refuses shared storage; transformers re-ties it
+            t = tensor.detach().cpu().float()
+            if name.endswith(transposed):
+                t = t.t()
+            tensors[name] = t.contiguous()
+        tmp = folder / "model.safetensors.tmp"
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, folder / "model.safetensors")
+        tmp_cfg = folder / "config.json.tmp"
+        tmp_cfg.write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp_cfg, folder / "config.json")

@@ -1,0 +1,349 @@
+"""Tests for smallgpt.generate: warpers on hand-made logits, KV cache vs no cache, exact parity
+with transformers (greedy, beam search, sampling under the same seed), seeds, eos, stop
+strings and streaming."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import transformers
+
+from smallgpt.generate import (
+    apply_repetition_penalty,
+    generate_text,
+    min_p_filter,
+    process_logits,
+    stream_text,
+    top_k_filter,
+    top_p_filter,
+)
+from smallgpt.model import GPT, GPTConfig
+
+
+def kept(logits: torch.Tensor) -> set[int]:
+    return {i for i, v in enumerate(logits.flatten().tolist()) if v != float("-inf")}
+
+
+def logp(probs: list[float]) -> torch.Tensor:
+    return torch.tensor([[math.log(p) for p in probs]])
+
+
+def tiny(vocab: int = 26, block: int = 32, **kw: object) -> GPT:
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=vocab, block_size=block, n_layer=2, n_head=2, n_embd=16, **kw)
+    return GPT(cfg).eval()  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- warpers
+
+
+def test_top_k_keeps_k_best_and_ties() -> None:
+    x = torch.tensor([[1.0, 5.0, 3.0, 5.0, 2.0]])
+    assert kept(top_k_filter(x, 2)) == {1, 3}
+    assert kept(top_k_filter(x, 3)) == {1, 2, 3}
+    assert kept(top_k_filter(x, 99)) == {0, 1, 2, 3, 4}
+    tie = torch.tensor([[1.0, 5.0, 3.0, 3.0, 2.0]])
+    assert kept(top_k_filter(tie, 2)) == {1, 2, 3}  # ties with the k-th token stay
+
+
+def test_top_p_keeps_smallest_nucleus() -> None:
+    x = logp([0.5, 0.3, 0.15, 0.05])
+    assert kept(top_p_filter(x, 0.4)) == {0}
+    assert kept(top_p_filter(x, 0.6)) == {0, 1}
+    assert kept(top_p_filter(x, 0.75)) == {0, 1}
+    assert kept(top_p_filter(x, 0.85)) == {0, 1, 2}
+    assert kept(top_p_filter(x, 0.99)) == {0, 1, 2, 3}
+    assert kept(top_p_filter(x, 1.0)) == {0, 1, 2, 3}
+    assert kept(top_p_filter(x, 0.01)) == {0}  # the top token always stays
+
+
+def test_min_p_scales_with_top_probability() -> None:
+    x = logp([0.5, 0.3, 0.15, 0.05])
+    assert kept(min_p_filter(x, 0.5)) == {0, 1}  # threshold 0.25
+    assert kept(min_p_filter(x, 0.2)) == {0, 1, 2}  # threshold 0.10
+    assert kept(min_p_filter(x, 0.05)) == {0, 1, 2, 3}
+    assert kept(min_p_filter(x, 1.0)) == {0}
+
+
+def test_warper_order_temperature_topk_topp() -> None:
+    x = logp([0.5, 0.3, 0.15, 0.05])
+    empty = torch.zeros((1, 0), dtype=torch.long)
+    # temperature first: squaring the probabilities shrinks the 0.6-nucleus to one token
+    assert kept(process_logits(x, empty, top_p=0.6)) == {0, 1}
+    assert kept(process_logits(x, empty, temperature=0.5, top_p=0.6)) == {0}
+    # top-k before top-p: top-p sees the renormalised top-2 distribution (0.625, 0.375)
+    assert kept(process_logits(x, empty, top_k=2, top_p=0.6)) == {0}
+    # min-p last: it measures against the renormalised survivors of top-k
+    assert kept(process_logits(x, empty, top_k=3, min_p=0.55)) == {0, 1}
+    out = process_logits(x, empty, temperature=0.5)
+    assert torch.allclose(out, x / 0.5)
+
+
+def test_repetition_penalty_values() -> None:
+    x = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    seqs = torch.tensor([[0, 1, 1]])
+    assert apply_repetition_penalty(x, seqs, 2.0).tolist() == [[1.0, -2.0, 0.5, 3.0]]
+    # greedy: only the penalty applies, sampling warpers are ignored
+    out = process_logits(x, seqs, temperature=0, top_k=1, repetition_penalty=2.0)
+    assert out.tolist() == [[1.0, -2.0, 0.5, 3.0]]
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(temperature=-0.5),
+        dict(top_p=0.0),
+        dict(top_p=1.5),
+        dict(min_p=-0.1),
+        dict(top_k=-1),
+        dict(num_beams=0),
+        dict(num_samples=0),
+        dict(num_beams=2, num_samples=3),
+        dict(repetition_penalty=0.0),
+        dict(stop="x"),  # no decode function
+    ],
+)
+def test_bad_arguments(kw: dict) -> None:
+    m = tiny()
+    with pytest.raises(ValueError):
+        m.generate(torch.tensor([[1, 2]]), 4, **kw)
+
+
+def test_bad_prompts() -> None:
+    m = tiny()
+    with pytest.raises(ValueError, match="empty"):
+        m.generate(torch.zeros((1, 0), dtype=torch.long), 4)
+    with pytest.raises(ValueError):
+        m.generate(torch.tensor([[1, 26]]), 4)
+    with pytest.raises(ValueError):
+        m.generate(torch.tensor([1, 2]), 4)
+    with pytest.raises(ValueError):
+        m.generate(torch.tensor([[1, 2]]), -1)
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+@pytest.mark.parametrize("position", ["learned", "rope"])
+def test_cache_matches_no_cache(position: str) -> None:
+    m = tiny(position=position)
+    prompt = torch.randint(0, 26, (3, 5))
+    a = m.generate(prompt, 27, temperature=0, use_cache=True)
+    b = m.generate(prompt, 27, temperature=0, use_cache=False)
+    assert a.shape == (3, 32)
+    assert torch.equal(a, b)
+    c = m.generate(prompt, 27, top_k=10, seed=3, use_cache=True)
+    d = m.generate(prompt, 27, top_k=10, seed=3, use_cache=False)
+    assert torch.equal(c, d)
+
+
+@pytest.mark.parametrize("position", ["learned", "rope"])
+def test_generation_past_the_context_crops(position: str) -> None:
+    m = tiny(block=16, position=position)
+    prompt = torch.randint(0, 26, (2, 20))  # longer than the context: cropped
+    for use_cache in (True, False):
+        out = m.generate(prompt, 40, seed=0, use_cache=use_cache)
+        assert out.shape == (2, 60)
+        assert torch.equal(out[:, :20], prompt)
+    # Until the cache is first rebuilt both paths see the same window.
+    p = torch.randint(0, 26, (2, 4))
+    a = m.generate(p, 30, temperature=0, use_cache=True)
+    b = m.generate(p, 30, temperature=0, use_cache=False)
+    assert torch.equal(a[:, : 16 + 1], b[:, : 16 + 1])
+
+
+def test_generate_restores_training_mode_and_disables_dropout() -> None:
+    m = tiny(dropout=0.3)
+    prompt = torch.tensor([[3, 4, 5]])
+    ref = m.generate(prompt, 10, temperature=0)
+    m.train()
+    assert torch.equal(m.generate(prompt, 10, temperature=0), ref)
+    assert m.training
+
+
+# ----------------------------------------------------------------------------- seeds
+
+
+def test_seed_reproduces_and_leaves_global_rng_alone() -> None:
+    m = tiny()
+    prompt = torch.tensor([[1, 2, 3]])
+    state = torch.get_rng_state()
+    a = m.generate(prompt, 20, seed=7, num_samples=3)
+    assert torch.equal(torch.get_rng_state(), state)
+    b = m.generate(prompt, 20, seed=7, num_samples=3)
+    c = m.generate(prompt, 20, seed=8, num_samples=3)
+    assert a.shape == (3, 23)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert not torch.equal(a[0], a[1])  # samples differ from each other
+    torch.manual_seed(11)
+    d = m.generate(prompt, 20)
+    torch.manual_seed(11)
+    assert torch.equal(d, m.generate(prompt, 20))
+
+
+def test_stream_equals_generate() -> None:
+    m = tiny()
+    prompt = torch.randint(0, 26, (2, 4))
+    steps = list(m.generate_stream(prompt, 15, seed=5, top_p=0.9))
+    assert len(steps) == 15 and steps[0].shape == (2,)
+    assert torch.equal(torch.stack(steps, 1), m.generate(prompt, 15, seed=5, top_p=0.9)[:, 4:])
+
+
+# ----------------------------------------------------------------------------- eos / stop
+
+
+def test_eos_per_sequence() -> None:
+    m = tiny()
+    prompt = torch.randint(0, 26, (3, 4))
+    free = m.generate(prompt, 20, temperature=0)[:, 4:].tolist()
+    eos = free[0][3]
+    out = m.generate(prompt, 20, temperature=0, eos_token_id=eos)
+    lengths = [row.index(eos) + 1 if eos in row else 20 for row in free]
+    assert out.shape == (3, 4 + max(lengths))
+    for row, n, got in zip(free, lengths, out[:, 4:].tolist()):
+        assert got[:n] == row[:n]
+        assert all(t == eos for t in got[n:])
+    alone = m.generate(prompt[:1], 20, temperature=0, eos_token_id=eos)
+    assert alone.shape == (1, 4 + lengths[0])  # stops early when every row is done
+    padded = m.generate(prompt[:1], 20, temperature=0, eos_token_id=eos, pad_token_id=25)
+    assert padded.shape == alone.shape and torch.equal(padded, alone)
+
+
+def letters(ids: list) -> str:
+    return "".join(chr(97 + i) for i in ids)
+
+
+def letter_bytes(ids: list) -> bytes:
+    return bytes(97 + i for i in ids)
+
+
+def test_stop_strings_tensor_and_text() -> None:
+    m = tiny()
+    prompt = torch.tensor([[0, 1]])
+    free = letters(m.generate(prompt, 30, seed=1)[0, 2:].tolist())
+    stop = free[9:11]
+    expected = free[: free.find(stop)]
+    out = m.generate(prompt, 30, seed=1, stop=stop, decode=letters, pad_token_id=25)
+    new = out[0, 2:].tolist()
+    assert letters(new[: len(expected)]) == expected
+    assert all(t == 25 for t in new[len(expected) :])
+    assert out.shape[1] == 2 + len(expected)  # the stop string is cut from the output
+    texts = generate_text(m, prompt, 30, seed=1, stop=[stop, "never-seen"],
+                          decode_bytes=letter_bytes)
+    assert texts == [expected]
+    streamed = "".join(stream_text(m, prompt, 30, seed=1, stop=stop, decode_bytes=letter_bytes))
+    assert streamed == expected
+    # a stop string that never appears: the held-back tail is flushed at the end
+    assert "".join(stream_text(m, prompt, 30, seed=1, stop=free[-1] + "zzzz",
+                               decode_bytes=letter_bytes)) == free
+
+
+def test_stream_text_decodes_split_utf8() -> None:
+    # Tokens 0-12 are the lead byte 0xC3, tokens 13-27 continuation bytes: a lead followed by a
+    # continuation is one character (U+00CD..U+00DB), anything else is broken UTF-8.
+    table = [b"\xc3"] * 13 + [bytes([0x80 + i]) for i in range(13, 28)]
+
+    def dec(ids: list) -> bytes:
+        return b"".join(table[i] for i in ids)
+
+    m = tiny(vocab=28)
+    prompt = torch.tensor([[26]])
+    seen = ""
+    for seed in range(6):
+        pieces = list(stream_text(m, prompt, 40, seed=seed, decode_bytes=dec))
+        assert "".join(pieces) == generate_text(m, prompt, 40, seed=seed, decode_bytes=dec)[0]
+        full = dec(m.generate(prompt, 40, seed=seed)[0, 1:].tolist())
+        assert "".join(pieces) == full.decode("utf-8", errors="replace")
+        seen += "".join(pieces)
+    assert "\u00d0" in seen and "\ufffd" in seen  # joined and broken characters occurred
+
+
+def test_stream_text_eos_not_printed() -> None:
+    m = tiny()
+    prompt = torch.tensor([[2, 3]])
+    free = m.generate(prompt, 20, temperature=0)[0, 2:].tolist()
+    eos = free[5]
+    n = free.index(eos)
+    text = "".join(stream_text(m, prompt, 20, temperature=0, eos_token_id=eos,
+                               decode_bytes=letter_bytes))
+    assert text == letters(free[:n])
+
+
+# ----------------------------------------------------------------------------- transformers parity
+
+
+@pytest.fixture(scope="module")
+def hf_pair(tmp_path_factory):  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                                  bos_token_id=0, eos_token_id=0)
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    path = tmp_path_factory.mktemp("gpt2")
+    hf.save_pretrained(path)
+    return hf, GPT.from_huggingface(path)
+
+
+def hf_generate(hf, prompt, n, **kw):  # type: ignore[no-untyped-def]
+    kw.setdefault("eos_token_id", None)
+    kw.setdefault("pad_token_id", 0)
+    return hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, **kw)
+
+
+def test_greedy_matches_transformers(hf_pair) -> None:  # type: ignore[no-untyped-def]
+    hf, m = hf_pair
+    prompt = torch.randint(0, 97, (3, 6), generator=torch.Generator().manual_seed(1))
+    ref = hf_generate(hf, prompt, 40, do_sample=False)
+    assert torch.equal(m.generate(prompt, 40, temperature=0), ref)
+    assert torch.equal(m.generate(prompt, 40, temperature=0, use_cache=False), ref)
+    ref_rp = hf_generate(hf, prompt, 40, do_sample=False, repetition_penalty=1.5)
+    assert torch.equal(m.generate(prompt, 40, temperature=0, repetition_penalty=1.5), ref_rp)
+
+
+def test_beam_search_matches_transformers(hf_pair) -> None:  # type: ignore[no-untyped-def]
+    hf, m = hf_pair
+    prompt = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(2))
+    ref = hf_generate(hf, prompt, 30, do_sample=False, num_beams=4, length_penalty=1.0)
+    ours = m.generate(prompt, 30, temperature=0, num_beams=4, length_penalty=1.0)
+    assert torch.equal(ours, ref)
+    ref2 = hf_generate(hf, prompt, 30, do_sample=False, num_beams=4, num_return_sequences=3)
+    assert torch.equal(m.generate(prompt, 30, num_beams=4, num_samples=3), ref2)
+    assert torch.equal(m.generate(prompt, 30, num_beams=4, num_samples=3, use_cache=False), ref2)
+
+
+@pytest.mark.parametrize("early_stopping", [True, False, "never"])
+@pytest.mark.parametrize("length_penalty", [1.0, 0.5, 2.0])
+def test_beam_search_with_eos_matches_transformers(hf_pair, early_stopping, length_penalty):  # type: ignore[no-untyped-def]  # noqa: E501
+    hf, m = hf_pair
+    prompt = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(3))
+    # pick an eos the beams actually produce
+    eos = int(m.generate(prompt, 8, temperature=0)[0, 7])
+    kw = dict(num_beams=4, length_penalty=length_penalty, early_stopping=early_stopping)
+    ref = hf_generate(hf, prompt, 25, do_sample=False, eos_token_id=eos, pad_token_id=eos,
+                      num_return_sequences=2, **kw)
+    ours = m.generate(prompt, 25, eos_token_id=eos, num_samples=2, **kw)
+    assert torch.equal(ours, ref)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(temperature=0.7, top_k=20),
+        dict(top_p=0.8),
+        dict(min_p=0.1, temperature=1.3),
+        dict(temperature=0.8, top_k=10, top_p=0.9, min_p=0.05, repetition_penalty=1.3),
+    ],
+)
+def test_sampling_matches_transformers_under_same_seed(hf_pair, kw: dict) -> None:  # type: ignore[no-untyped-def]  # noqa: E501
+    hf, m = hf_pair
+    prompt = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(4))
+    hf_kw = {"top_k": 0, **kw}  # transformers defaults to top_k=50
+    torch.manual_seed(5)
+    ref = hf_generate(hf, prompt, 30, do_sample=True, **hf_kw)
+    torch.manual_seed(5)
+    assert torch.equal(m.generate(prompt, 30, **kw), ref)

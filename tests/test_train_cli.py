@@ -1,0 +1,180 @@
+"""The smallgpt-train command line, through real subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import List
+
+import numpy as np
+import pytest
+import torch
+
+import smallgpt
+from smallgpt.cli.train import main
+from smallgpt.config import TrainConfig, list_presets, load_preset, merge_dict, validate
+from smallgpt.data import write_meta, write_shard
+
+PKG_ROOT = str(Path(smallgpt.__file__).resolve().parent.parent)
+TINY = ["--model.n_layer", "1", "--model.n_head", "2", "--model.n_embd", "16",
+        "--model.block_size", "8", "--data.batch_size", "2", "--set", "progress=false",
+        "--set", "plot=false", "--device", "cpu"]
+
+
+def run_cli(args: List[str], timeout: float = 60, **kw: object) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PKG_ROOT, env.get("PYTHONPATH")) if p)
+    env["OMP_NUM_THREADS"] = "1"
+    return subprocess.run([sys.executable, "-m", "smallgpt.cli.train", *args], env=env,
+                          capture_output=True, text=True, timeout=timeout, **kw)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cli_shards")
+    rng = np.random.default_rng(0)
+    splits = {}
+    for split, n in (("train", 4000), ("val", 400)):
+        write_shard(root / f"{split}_000000.bin", rng.integers(0, 100, size=n))
+        splits[split] = {"documents": 1, "tokens": n, "bytes": 2 * n,
+                         "shards": [f"{split}_000000.bin"]}
+    write_meta(root, {"format": "smallgpt-shards", "version": 1, "tokenizer": "tokenizer.json",
+                      "vocab_size": 100, "eot_id": 0, "dtype": "uint16", "splits": splits})
+    (root / "tokenizer.json").write_text("{}")
+    return root
+
+
+def assert_one_line_error(res: subprocess.CompletedProcess, needle: str) -> None:
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("smallgpt-train: error: ") and needle in lines[0], lines[0]
+    assert "Traceback" not in res.stderr
+
+
+def test_presets_are_valid() -> None:
+    assert {"shakespeare-cpu", "shakespeare-gpu", "gpt2-124m"} <= set(list_presets())
+    for name in list_presets():
+        cfg = merge_dict(TrainConfig(), load_preset(name))
+        validate(cfg)
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--data", "/nonexistent/shards"], "/nonexistent/shards"),
+        (["--model.vocab_size", "64"], "vocabulary size 100"),
+        (["--optim.lr", "-0.1"], "optim.lr must be positive"),
+        (["--model.n_embd", "30", "--model.n_head", "4"], "divisible"),
+    ],
+)
+def test_bad_inputs_one_line_exit_2(tmp_path: Path, data_dir: Path, args: List[str],
+                                    needle: str) -> None:
+    res = run_cli(["--data", str(data_dir), "--out", str(tmp_path / "o"), "--max-steps", "2",
+                   *TINY, *args])
+    assert_one_line_error(res, needle)
+
+
+def test_config_errors_in_process(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    assert main(["--model.n_layr", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("smallgpt-train: error: unknown config key 'model.n_layr'")
+    assert "model.n_layer" in err and "optim.lr" in err and "\n" not in err
+    assert main(["--set", "nope=1"]) == 2
+    assert "unknown config key 'nope'" in capsys.readouterr().err
+    assert main(["--preset", "nope"]) == 2
+    assert "shakespeare-cpu" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["--bogus"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == "smallgpt-train: error: unrecognized argument: " \
+                                              "--bogus"
+    toml = tmp_path / "c.toml"
+    toml.write_text("[model]\nn_layer = 3\nwat = 1\n")
+    assert main(["--config", str(toml)]) == 2
+    assert "unknown config key 'model.wat'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["--max-steps", "abc"])
+    assert e.value.code == 2
+    assert "invalid int value" in capsys.readouterr().err
+
+
+def test_print_config_layers(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    toml = tmp_path / "c.toml"
+    toml.write_text("max_steps = 77\n[model]\nn_layer = 3\n")
+    assert main(["--preset", "shakespeare-cpu", "--config", str(toml), "--model.n_head=2",
+                 "--set", "optim.lr=0.5", "--seed", "9", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "max_steps = 77" in out and "n_layer = 3" in out and "n_head = 2" in out
+    assert "lr = 0.5" in out and "seed = 9" in out and 'out = "out/shakespeare-cpu"' in out
+
+
+def test_train_then_resume(tmp_path: Path, data_dir: Path) -> None:
+    out = tmp_path / "run"
+    res = run_cli(["--data", str(data_dir), "--out", str(out), "--max-steps", "4", *TINY])
+    assert res.returncode == 0, res.stderr
+    assert (out / "ckpt_latest.pt").exists() and (out / "tokenizer.json").exists()
+    res = run_cli(["--resume", "--out", str(out), "--max-steps", "6"])
+    assert res.returncode == 0, res.stderr
+    ck = torch.load(out / "ckpt_latest.pt", weights_only=True)
+    assert ck["step"] == 6
+    assert ck["train_config"]["model"]["n_embd"] == 16  # config came from the checkpoint
+    res = run_cli(["--resume", "--out", str(tmp_path / "nothing")])
+    assert_one_line_error(res, "no checkpoint")
+
+
+def test_ctrl_c_saves_checkpoint(tmp_path: Path, data_dir: Path) -> None:
+    out = tmp_path / "int"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PKG_ROOT, env.get("PYTHONPATH")) if p)
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "smallgpt.cli.train", "--data", str(data_dir), "--out", str(out),
+         "--max-steps", "0", "--max-time", "60", "--log-interval", "1", *TINY],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 40
+    while time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "--resume" in err
+    ck = torch.load(out / "ckpt_latest.pt", weights_only=True)
+    assert ck["step"] >= 3
+    steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    assert ck["step"] == max(steps) or ck["step"] >= max(steps)
+
+
+def test_quickstart_tokenizes_bundled_text(tmp_path: Path) -> None:
+    """`smallgpt-train` defaults: bundled Tiny Shakespeare, BPE shards cached on first use."""
+    cache = tmp_path / "cache"
+    res = run_cli(["--out", str(tmp_path / "qs"), "--max-steps", "3", "--set",
+                   f"data.cache_dir={cache}", "--set", "max_time=0", "--eval-interval", "0",
+                   "--model.n_layer", "1", "--model.n_embd", "32", "--model.n_head", "2",
+                   "--set", "progress=false"], timeout=120)
+    assert res.returncode == 0, res.stderr
+    folders = list(cache.iterdir())
+    assert len(folders) == 1
+    meta = json.loads((folders[0] / "meta.json").read_text())
+    text = (Path(smallgpt.__file__).parent / "assets" / "tinyshakespeare.txt").read_text()
+    n = len(text)
+    assert meta["splits"]["val"]["bytes"] == len(text[int(0.9 * n):].encode())
+    assert meta["splits"]["train"]["bytes"] == len(text[: int(0.9 * n)].encode())
+    tok = smallgpt.Tokenizer.load(folders[0] / "tokenizer.json")
+    from smallgpt.data import read_shard
+
+    val = read_shard(folders[0] / "val_000000.bin")
+    assert int(val[0]) == tok.eot_id
+    assert tok.decode(val[1:].tolist()) == text[int(0.9 * n):]
+    ck = torch.load(tmp_path / "qs" / "ckpt_latest.pt", weights_only=True)
+    assert smallgpt.Tokenizer.load(tmp_path / "qs" / "tokenizer.json").vocab_size == \
+        tok.vocab_size
+    assert json.loads(ck["tokenizer"]) == json.loads((folders[0] / "tokenizer.json").read_text())
