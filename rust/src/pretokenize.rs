@@ -203,7 +203,8 @@ mod tests {
 
     #[test]
     fn split_points_preserve_pieces() {
-        let text = "First line.\nSecond line here\n\n  indented\nx\ny 12345\n\u{e9}t\u{e9}\nfin!\n/x";
+        let text =
+            "First line.\nSecond line here\n\n  indented\nx\ny 12345\n\u{e9}t\u{e9}\nfin!\n/x";
         for name in ["gpt2", "cl100k", "o200k"] {
             let p = Pretokenizer::new(name).unwrap();
             let whole = p.pieces(text).unwrap();
