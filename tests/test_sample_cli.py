@@ -16,6 +16,7 @@ import pytest
 import torch
 import transformers
 
+import smallgpt
 from smallgpt import Tokenizer
 from smallgpt.cli.sample import main
 from smallgpt.model import GPT, GPTConfig
@@ -26,9 +27,10 @@ FIXTURES = ROOT / "tests" / "fixtures"
 
 def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(ROOT / "python")] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
-    )
+    # The package the tests imported (installed or editable), not the source folder, which
+    # lacks the compiled extension in a fresh checkout.
+    pkg_root = str(Path(smallgpt.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
     env["PYTHONIOENCODING"] = "utf-8"
     return subprocess.run(
         [sys.executable, "-m", "smallgpt.cli.sample", *args],
