@@ -2,7 +2,8 @@
 
 Measures greedy decoding (batch 1, 8-token prompt) in tokens per second:
 
-* the quickstart model (shakespeare-cpu preset shape: 4 layers, 128 wide, context 64) and a
+* the quickstart model (shakespeare-cpu preset: 1 layer, 128 wide, RoPE, context 64), a
+  4-layer variant of it, and a
   ~10M-parameter model (6 layers, 384 wide, context 256), for 256 and 1024 new tokens, with
   and without the KV cache;
 * a randomly initialised GPT-2 small (124M, transformers' GPT2LMHeadModel) loaded into smallgpt
@@ -66,7 +67,12 @@ def bench_sizes(lengths: list[int], repeats: int) -> list[list[str]]:
     rows = []
     shapes = [
         (
-            "quickstart 0.9M ctx64",
+            "quickstart (shakespeare-cpu: 1L x 128, RoPE, ctx64)",
+            GPTConfig(vocab_size=512, block_size=64, n_layer=1, n_head=4, n_embd=128,
+                      position="rope"),
+        ),
+        (
+            "4L x 128 ctx64 (0.9M)",
             GPTConfig(vocab_size=512, block_size=64, n_layer=4, n_head=4, n_embd=128),
         ),
         (

@@ -186,11 +186,13 @@ def _rope_tables(config: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, H, T, D); cos/sin: (T, D/2). Rotate the two halves of each head as pairs.
+    # x: (B, T, 2, H, D), queries and keys together (one rotation instead of two: decoding one
+    # token at a time is dominated by per-op overhead); cos/sin: (T, 1, 1, D/2). The two
+    # halves of each head are rotated as pairs.
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
-    cos = cos.to(x.dtype)
-    sin = sin.to(x.dtype)
+    if cos.dtype != x.dtype:
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
@@ -214,13 +216,10 @@ class CausalSelfAttention(nn.Module):
         layer: int = 0,
     ) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        if rope is not None:
-            q = _apply_rope(q, *rope)
-            k = _apply_rope(k, *rope)
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim)
+        v = qkv[:, :, 2].transpose(1, 2)
+        qk = qkv[:, :, :2] if rope is None else _apply_rope(qkv[:, :, :2], *rope)
+        q, k = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2)
 
         mask: torch.Tensor | None = None
         is_causal = True
@@ -377,7 +376,10 @@ class GPT(nn.Module):
             # A slice of the table equals wpe(arange(start, start + T)) without the lookup.
             x = x + self.transformer.wpe.weight[start : start + T]
         else:
-            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+            rope = (
+                self.rope_cos[start : start + T, None, None],
+                self.rope_sin[start : start + T, None, None],
+            )
         if self.training and self.config.dropout > 0:
             x = self.transformer.drop(x)
 
