@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import regex
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -110,6 +111,12 @@ def test_encode_batch_equals_encode(batch):
     assert tok.encode_batch(batch, num_threads=1) == [tok.encode_ordinary(t) for t in batch]
     for t in batch:
         assert tok.decode(tok.encode(t)) == t
+    ids, offsets = tok.encode_batch_to_numpy(batch)
+    assert ids.dtype == np.uint32 and offsets.dtype == np.int64
+    assert offsets.tolist()[0] == 0 and len(offsets) == len(batch) + 1
+    assert [ids[offsets[i]:offsets[i + 1]].tolist() for i in range(len(batch))] == [
+        tok.encode(t) for t in batch
+    ]
 
 
 _TOK: list[Tokenizer] = []

@@ -204,8 +204,11 @@ def test_overwrite_replaces(tmp_path):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
 def test_interrupt_leaves_no_complete_shard(tmp_path, sig):
-    line = "The quick brown fox jumps over the lazy dog, again and again.\n"
-    (tmp_path / "big.txt").write_text(line * 1_500_000)  # ~95 MB
+    # Varied numbers keep the encoder off its cache, so the run lasts long enough to be
+    # interrupted while shards are still being written.
+    text = "".join(f"The quick brown fox {i} jumps over {i * 7919 % 100003} lazy dogs.\n"
+                   for i in range(1_500_000))  # ~80 MB
+    (tmp_path / "big.txt").write_text(text)
     gpt2 = Path(__file__).parent / "fixtures" / "gpt2"
     out = tmp_path / "out"
     p = subprocess.Popen([*CLI, str(tmp_path / "big.txt"), "--out", str(out), "--gpt2",

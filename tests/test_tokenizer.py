@@ -7,6 +7,7 @@ import inspect
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tiktoken
 import tiktoken_ext.openai_public as openai_public
@@ -254,3 +255,19 @@ def test_bad_vocabulary_files(tmp_path):
     j.write_text(json.dumps({"model": {"type": "Unigram"}}))
     with pytest.raises(ValueError, match="not BPE"):
         Tokenizer.from_huggingface(j)
+
+
+def test_numpy_outputs_match_lists_and_keep_special_rules(gpt2):
+    tok = gpt2
+    texts = ["Hello world", "", "caf\u00e9 \u65e5\u672c 123", "x<|endoftext|>y"]
+    ids, offsets = tok.encode_batch_to_numpy(texts, allowed_special="all")
+    assert offsets.tolist() == [0, *np.cumsum([len(tok.encode(t, allowed_special="all"))
+                                                for t in texts]).tolist()]
+    assert ids.tolist() == [i for t in texts for i in tok.encode(t, allowed_special="all")]
+    assert tok.encode_to_numpy("Hello world").tolist() == tok.encode("Hello world")
+    with pytest.raises(ValueError, match="endoftext"):
+        tok.encode_batch_to_numpy(["x<|endoftext|>"])
+    with pytest.raises(TypeError):
+        tok.encode_batch_to_numpy("not a list")
+    empty_ids, empty_offsets = tok.encode_batch_to_numpy([])
+    assert empty_ids.size == 0 and empty_offsets.tolist() == [0]

@@ -216,19 +216,62 @@ class Tokenizer:
         num_threads: Optional[int] = None,
     ) -> list[list[int]]:
         """Encodes many texts in parallel (Rust threads, GIL released); same as ``encode``."""
+        texts = self._check_texts(texts)
+        allowed, disallowed = self._special_sets(allowed_special, disallowed_special)
+        return self._core.encode_batch(texts, allowed, disallowed or None, num_threads)
+
+    @staticmethod
+    def _check_texts(texts: Sequence[str]) -> list[str]:
         if isinstance(texts, str):
             raise TypeError("texts must be a sequence of str, not a single string")
         texts = list(texts)
         if not all(isinstance(t, str) for t in texts):
             raise TypeError("texts must contain only str")
-        allowed, disallowed = self._special_sets(allowed_special, disallowed_special)
-        return self._core.encode_batch(texts, allowed, disallowed or None, num_threads)
+        return texts
 
     def encode_ordinary_batch(
         self, texts: Sequence[str], *, num_threads: Optional[int] = None
     ) -> list[list[int]]:
         """Encodes many texts in parallel, ignoring special tokens."""
         return self.encode_batch(texts, disallowed_special=(), num_threads=num_threads)
+
+    def encode_batch_to_numpy(
+        self,
+        texts: Sequence[str],
+        *,
+        allowed_special: SpecialSet = frozenset(),
+        disallowed_special: SpecialSet = "all",
+        num_threads: Optional[int] = None,
+    ) -> tuple[Any, Any]:
+        """Encodes many texts in parallel into flat numpy arrays: ``(ids, offsets)``.
+
+        ``ids`` (uint32) holds every text's ids back to back and text ``i`` is
+        ``ids[offsets[i]:offsets[i + 1]]`` (``offsets`` is int64, ``len(texts) + 1`` long).
+        The same ids as ``encode_batch``, several times faster for large batches because no
+        Python int is made per token. Both arrays are read-only views of ``bytes`` objects
+        (``.copy()`` them to write).
+        """
+        import numpy as np
+
+        texts = self._check_texts(texts)
+        allowed, disallowed = self._special_sets(allowed_special, disallowed_special)
+        ids, offsets = self._core.encode_batch_flat(texts, allowed, disallowed or None, num_threads)
+        return np.frombuffer(ids, dtype="<u4"), np.frombuffer(offsets, dtype="<i8")
+
+    def encode_to_numpy(
+        self,
+        text: str,
+        *,
+        allowed_special: SpecialSet = frozenset(),
+        disallowed_special: SpecialSet = "all",
+    ) -> Any:
+        """``encode`` returning a read-only uint32 numpy array (as tiktoken's)."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be str, got {type(text).__name__}")
+        ids, _ = self.encode_batch_to_numpy(
+            [text], allowed_special=allowed_special, disallowed_special=disallowed_special
+        )
+        return ids
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """The bytes of a sequence of ids. Raises ``ValueError`` on an unknown id."""

@@ -13,6 +13,9 @@ use std::borrow::Cow;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::mpsc::TrySendError;
+use std::time::Duration;
 
 use rayon::prelude::*;
 
@@ -28,8 +31,10 @@ pub const VERSION_U32: i32 = 7;
 
 /// Largest piece of a document encoded as one unit.
 const SEGMENT_BYTES: usize = 1 << 20;
+/// How often the reading thread checks for an interrupt while it waits for the encoder.
+const POLL: Duration = Duration::from_millis(20);
 /// Text gathered before a parallel encoding round.
-const BATCH_BYTES: usize = 32 << 20;
+const BATCH_BYTES: usize = 8 << 20;
 
 /// How a file is divided into documents.
 #[derive(Debug, Clone)]
@@ -182,6 +187,15 @@ pub fn for_each_document(
 pub fn count_documents(sources: &[Source], errors: Utf8Errors) -> Result<u64> {
     let mut n = 0u64;
     for s in sources {
+        if let SourceKind::Text { separator: None } = s.kind {
+            // One document if non-empty: no need to read it (its UTF-8 is checked when it
+            // is encoded, before any shard is renamed into place).
+            let len = std::fs::metadata(&s.path)
+                .map_err(|e| Error::io(&s.path, e))?
+                .len();
+            n += u64::from(len > 0);
+            continue;
+        }
         for_each_document(s, errors, |_| {
             n += 1;
             Ok(())
@@ -240,7 +254,10 @@ impl ShardWriter {
         }
         let name = format!("{}_{:06}.bin", self.prefix, self.done.len());
         let tmp = self.dir.join(format!("{name}.tmp"));
-        write_shard(&tmp, &self.buf, self.dtype)?;
+        if let Err(e) = write_shard(&tmp, &self.buf, self.dtype) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
         self.done.push((tmp, name));
         self.buf.clear();
         Ok(())
@@ -286,7 +303,8 @@ pub fn write_shard(path: &Path, tokens: &[Rank], dtype: Dtype) -> Result<()> {
 
 /// Tokenizes `sources` into shards in `opts.out_dir`. Shards are written as `*.tmp` and only
 /// renamed when everything succeeded; `progress(bytes_done)` is called after each batch and
-/// `interrupted()` is polled between batches (returning true aborts and removes the temps).
+/// `interrupted()` is polled between batches and every few milliseconds while waiting for
+/// the encoder (returning true aborts and removes the temps).
 /// Encoding runs on `pool` (the global rayon pool if `None`); the loop itself, and so every
 /// call of `interrupted`, stays on the calling thread.
 pub fn tokenize_corpus(
@@ -325,98 +343,153 @@ pub fn tokenize_corpus(
     // A lone document is split by characters instead: val gets its last `val_fraction`.
     let split_single = n_docs == 1 && opts.val_fraction > 0.0;
 
-    let mut train = ShardWriter::new(&opts.out_dir, "train", opts);
-    let mut val = ShardWriter::new(&opts.out_dir, "val", opts);
-    let mut stats = CorpusStats::default();
-    let result = (|| -> Result<()> {
-        let mut batch: Vec<Segment> = Vec::new();
-        let mut batch_bytes = 0usize;
-        let mut done_bytes = 0u64;
-        let mut doc_index = 0u64;
-        let pretok = enc.pretokenizer();
-        let mut run = |batch: &mut Vec<Segment>, stats: &mut CorpusStats| -> Result<()> {
-            if interrupted() {
-                return Err(Error::Interrupted);
-            }
-            let encode = || -> Result<Vec<Vec<Rank>>> {
-                batch
-                    .par_iter()
-                    .map(|s| enc.encode_ordinary(&s.text))
-                    .collect()
-            };
-            let encoded = match pool {
-                Some(p) => p.install(encode)?,
-                None => encode()?,
-            };
-            for (seg, ids) in batch.iter().zip(encoded) {
-                let (writer, split) = if seg.val {
-                    (&mut val, &mut stats.val)
-                } else {
-                    (&mut train, &mut stats.train)
-                };
-                if seg.starts_doc {
-                    writer.push(&[eot])?;
-                    split.documents += 1;
-                    split.tokens += 1;
-                }
-                writer.push(&ids)?;
-                split.tokens += ids.len() as u64;
-                split.bytes += seg.text.len() as u64;
-                done_bytes += seg.text.len() as u64;
-            }
-            batch.clear();
-            progress(done_bytes);
-            Ok(())
-        };
-        // Adds a document (cut into segments at safe points), encoding whenever the batch is
-        // full, so neither a huge document nor a huge corpus is ever held whole.
-        let mut add_doc = |doc: &str,
-                           val: bool,
-                           batch: &mut Vec<Segment>,
-                           stats: &mut CorpusStats|
-         -> Result<()> {
-            let mut start = 0;
-            for cut in pretok
-                .split_points(doc, SEGMENT_BYTES)
-                .into_iter()
-                .chain([doc.len()])
-            {
-                batch.push(Segment {
-                    text: doc[start..cut].to_owned(),
-                    starts_doc: start == 0,
-                    val,
-                });
-                batch_bytes += cut - start;
-                start = cut;
-                if batch_bytes >= BATCH_BYTES {
-                    run(batch, stats)?;
-                    batch_bytes = 0;
-                }
-            }
-            Ok(())
-        };
-        for source in sources {
-            for_each_document(source, opts.errors, |doc| {
-                if split_single {
-                    // nanoGPT's split: train = the first int(n * (1 - f)) characters.
-                    let chars = doc.chars().count();
-                    let keep = (chars as f64 * (1.0 - opts.val_fraction)) as usize;
-                    let at = doc.char_indices().nth(keep).map_or(doc.len(), |(i, _)| i);
-                    add_doc(&doc[..at], false, &mut batch, &mut stats)?;
-                    if at < doc.len() {
-                        add_doc(&doc[at..], true, &mut batch, &mut stats)?;
+    // Two stages overlap: this thread reads files and cuts segments (and polls
+    // `interrupted`, which must stay on the calling thread) while a worker encodes the
+    // previous batch on the pool and appends it to the shards. Batches travel in order
+    // through a channel of one slot, so memory stays at about three batches.
+    let done_bytes = AtomicU64::new(0);
+    // Set when the reader sees an interrupt: the worker then stops at the next segment.
+    let cancel = AtomicBool::new(false);
+    let (result, train, val, mut stats) = std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Segment>>(1);
+        let (done_bytes, cancel) = (&done_bytes, &cancel);
+        let worker = scope.spawn(move || {
+            let mut train = ShardWriter::new(&opts.out_dir, "train", opts);
+            let mut val = ShardWriter::new(&opts.out_dir, "val", opts);
+            let mut stats = CorpusStats::default();
+            let result = (|| -> Result<()> {
+                for batch in rx {
+                    let encode = || -> Result<Vec<Vec<Rank>>> {
+                        batch
+                            .par_iter()
+                            .map(|s| {
+                                if cancel.load(Relaxed) {
+                                    return Err(Error::Interrupted);
+                                }
+                                enc.encode_ordinary(&s.text)
+                            })
+                            .collect()
+                    };
+                    let encoded = match pool {
+                        Some(p) => p.install(encode)?,
+                        None => encode()?,
+                    };
+                    for (seg, ids) in batch.iter().zip(encoded) {
+                        let (writer, split) = if seg.val {
+                            (&mut val, &mut stats.val)
+                        } else {
+                            (&mut train, &mut stats.train)
+                        };
+                        if seg.starts_doc {
+                            writer.push(&[eot])?;
+                            split.documents += 1;
+                            split.tokens += 1;
+                        }
+                        writer.push(&ids)?;
+                        split.tokens += ids.len() as u64;
+                        split.bytes += seg.text.len() as u64;
+                        done_bytes.fetch_add(seg.text.len() as u64, Relaxed);
                     }
-                } else {
-                    add_doc(doc, doc_index >= n_docs - n_val, &mut batch, &mut stats)?;
                 }
-                doc_index += 1;
+                train.flush()?;
+                val.flush()
+            })();
+            (result, train, val, stats)
+        });
+        let read_result = (|| -> Result<()> {
+            let mut batch: Vec<Segment> = Vec::new();
+            let mut batch_bytes = 0usize;
+            let mut doc_index = 0u64;
+            let pretok = enc.pretokenizer();
+            // Hands a full batch to the worker, polling for interrupts while it waits; a
+            // closed channel means the worker failed, and its error is the one reported.
+            let mut send = |batch: &mut Vec<Segment>| -> Result<()> {
+                let mut pending = std::mem::take(batch);
+                loop {
+                    if interrupted() {
+                        cancel.store(true, Relaxed);
+                        return Err(Error::Interrupted);
+                    }
+                    progress(done_bytes.load(Relaxed));
+                    match tx.try_send(pending) {
+                        Ok(()) => return Ok(()),
+                        Err(TrySendError::Full(b)) => {
+                            pending = b;
+                            std::thread::sleep(POLL);
+                        }
+                        Err(TrySendError::Disconnected(_)) => {
+                            return Err(Error::Value("the encoding stage stopped".into()))
+                        }
+                    }
+                }
+            };
+            // Adds a document (cut into segments at safe points), sending whenever the batch
+            // is full, so neither a huge document nor a huge corpus is ever held whole.
+            let mut add_doc = |doc: &str, val: bool, batch: &mut Vec<Segment>| -> Result<()> {
+                let mut start = 0;
+                for cut in pretok
+                    .split_points(doc, SEGMENT_BYTES)
+                    .into_iter()
+                    .chain([doc.len()])
+                {
+                    batch.push(Segment {
+                        text: doc[start..cut].to_owned(),
+                        starts_doc: start == 0,
+                        val,
+                    });
+                    batch_bytes += cut - start;
+                    start = cut;
+                    if batch_bytes >= BATCH_BYTES {
+                        send(batch)?;
+                        batch_bytes = 0;
+                    }
+                }
                 Ok(())
-            })?;
+            };
+            for source in sources {
+                for_each_document(source, opts.errors, |doc| {
+                    if split_single {
+                        // nanoGPT's split: train = the first int(n * (1 - f)) characters.
+                        let chars = doc.chars().count();
+                        let keep = (chars as f64 * (1.0 - opts.val_fraction)) as usize;
+                        let at = doc.char_indices().nth(keep).map_or(doc.len(), |(i, _)| i);
+                        add_doc(&doc[..at], false, &mut batch)?;
+                        if at < doc.len() {
+                            add_doc(&doc[at..], true, &mut batch)?;
+                        }
+                    } else {
+                        add_doc(doc, doc_index >= n_docs - n_val, &mut batch)?;
+                    }
+                    doc_index += 1;
+                    Ok(())
+                })?;
+            }
+            if !batch.is_empty() {
+                send(&mut batch)?;
+            }
+            Ok(())
+        })();
+        drop(tx);
+        // Keep answering interrupts until the worker has written the last batch.
+        while read_result.is_ok() && !worker.is_finished() {
+            if interrupted() {
+                cancel.store(true, Relaxed);
+                break;
+            }
+            progress(done_bytes.load(Relaxed));
+            std::thread::sleep(POLL);
         }
-        run(&mut batch, &mut stats)?;
-        train.flush()?;
-        val.flush()
-    })();
+        let (write_result, train, val, stats) = worker.join().expect("the encoding stage panicked");
+        // A failed worker closes the channel, which the reader sees as a send error: the
+        // worker's error is the cause, so it comes first.
+        let result = match (write_result, read_result) {
+            _ if cancel.load(Relaxed) => Err(Error::Interrupted),
+            (Err(e), _) => Err(e),
+            (Ok(()), r) => r,
+        };
+        (result, train, val, stats)
+    });
+    progress(done_bytes.load(Relaxed));
     let temps: Vec<(PathBuf, String)> = train.done.into_iter().chain(val.done).collect();
     if let Err(e) = result {
         for (tmp, _) in &temps {

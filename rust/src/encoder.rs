@@ -14,16 +14,50 @@ use crate::pretokenize::Pretokenizer;
 
 pub type Rank = u32;
 
-/// Pieces longer than this use the heap-based merge, which is O(n log n) instead of O(n^2).
-const LONG_PIECE: usize = 128;
+/// Pieces longer than this use the heap-based merge, which is O(n log n) instead of O(n^2);
+/// for runs of CJK text the quadratic scan already costs more at a few dozen bytes.
+const LONG_PIECE: usize = 64;
+/// Longest piece kept in each thread's cache of merged pieces.
+const CACHED_PIECE: usize = 32;
 /// Entries of each thread's cache of merged pieces before it is cleared.
 const CACHE_ENTRIES: usize = 1 << 16;
+
+/// log2 of the number of slots in each thread's direct-mapped cache of short pieces.
+const HOT_BITS: u32 = 13;
 
 /// Per-thread memo of pieces that needed merging: natural text repeats the same few
 /// thousand words, and a hash probe is much cheaper than re-running BPE on them.
 type PieceMap = FxHashMap<Box<[u8]>, Box<[Rank]>>;
-#[derive(Default)]
-struct PieceCache(RefCell<PieceMap>);
+
+/// Pieces of up to this many bytes go through the per-thread direct-mapped cache.
+const HOT_LEN: usize = 15;
+const _: () = assert!(HOT_LEN < CACHED_PIECE && HOT_LEN <= LONG_PIECE);
+
+/// One slot of the short-piece cache: a piece of at most `HOT_LEN` bytes (packed, see
+/// [`pack_hot`]; never 0, so 0 marks an empty slot) and its ids, if there are at most three.
+#[derive(Clone, Copy, Default)]
+struct HotSlot {
+    key: u128,
+    n: u32,
+    ids: [Rank; 3],
+}
+
+/// Each thread's caches. The short-piece cache is small enough to stay in L2: the full
+/// vocabulary tables are megabytes, and a probe there is a cache miss, while the few
+/// thousand words that make up most of any text keep hitting here.
+struct Scratch {
+    hot: Box<[HotSlot]>,
+    pieces: PieceMap,
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Scratch {
+            hot: vec![HotSlot::default(); 1 << HOT_BITS].into_boxed_slice(),
+            pieces: PieceMap::default(),
+        }
+    }
+}
 
 /// A byte-level BPE vocabulary with its pre-tokenizer and special tokens.
 pub struct Encoder {
@@ -34,6 +68,11 @@ pub struct Encoder {
     /// table avoids a cache miss on the key per probe.
     ranks: FxHashMap<Vec<u8>, Rank>,
     short: FxHashMap<u64, Rank>,
+    /// Tokens of 8 to `HOT_LEN` bytes keyed by [`pack_hot`], for the same reason.
+    mid: FxHashMap<u128, Rank>,
+    /// Two-byte tokens by `(first << 8) | second` (`Rank::MAX`: none): BPE on non-Latin
+    /// text starts with one such probe per byte pair, and an array index beats a hash.
+    two: Box<[Rank]>,
     /// id of each single byte (identity for trained vocabularies).
     byte_ids: [Rank; 256],
     specials: FxHashMap<String, Rank>,
@@ -41,7 +80,7 @@ pub struct Encoder {
     /// Matches any special token (leftmost-first, longest listed first); `None` without specials.
     special_regex: Option<regex::Regex>,
     pretokenizer: Pretokenizer,
-    cache: thread_local::ThreadLocal<PieceCache>,
+    cache: thread_local::ThreadLocal<RefCell<Scratch>>,
 }
 
 impl Clone for Encoder {
@@ -50,6 +89,8 @@ impl Clone for Encoder {
             tokens: self.tokens.clone(),
             ranks: self.ranks.clone(),
             short: self.short.clone(),
+            mid: self.mid.clone(),
+            two: self.two.clone(),
             byte_ids: self.byte_ids,
             specials: self.specials.clone(),
             special_by_id: self.special_by_id.clone(),
@@ -124,10 +165,21 @@ impl Encoder {
             .filter(|(k, _)| k.len() <= 7)
             .map(|(k, &v)| (pack(k), v))
             .collect();
+        let mut two = vec![Rank::MAX; 1 << 16].into_boxed_slice();
+        for (k, &v) in ranks.iter().filter(|(k, _)| k.len() == 2) {
+            two[(k[0] as usize) << 8 | k[1] as usize] = v;
+        }
+        let mid = ranks
+            .iter()
+            .filter(|(k, _)| (8..=HOT_LEN).contains(&k.len()))
+            .map(|(k, &v)| (pack_hot(k), v))
+            .collect();
         Ok(Encoder {
             tokens,
             ranks,
             short,
+            mid,
+            two,
             byte_ids,
             specials: special_map,
             special_by_id,
@@ -166,8 +218,13 @@ impl Encoder {
 
     #[inline]
     pub fn rank(&self, bytes: &[u8]) -> Option<Rank> {
-        if bytes.len() <= 7 {
+        if bytes.len() == 2 {
+            let r = self.two[(bytes[0] as usize) << 8 | bytes[1] as usize];
+            (r != Rank::MAX).then_some(r)
+        } else if bytes.len() <= 7 {
             self.short.get(&pack(bytes)).copied()
+        } else if bytes.len() <= HOT_LEN {
+            self.mid.get(&pack_hot(bytes)).copied()
         } else {
             self.ranks.get(bytes).copied()
         }
@@ -175,22 +232,62 @@ impl Encoder {
 
     /// Encodes one pre-tokenized piece, appending ids to `out`.
     pub fn encode_piece(&self, piece: &[u8], out: &mut Vec<Rank>) {
-        if let Some(id) = self.rank(piece) {
+        let mut scratch = self.cache.get_or_default().borrow_mut();
+        self.encode_piece_with(piece, &mut scratch, out);
+    }
+
+    #[inline]
+    fn encode_piece_with(&self, piece: &[u8], scratch: &mut Scratch, out: &mut Vec<Rank>) {
+        let n = piece.len();
+        if n <= HOT_LEN {
+            let key = pack_hot(piece);
+            let slot = &mut scratch.hot[hot_index(key)];
+            if slot.key == key {
+                // A loop of at most three pushes: `extend_from_slice` calls memcpy.
+                for &id in &slot.ids[..slot.n as usize] {
+                    out.push(id);
+                }
+                return;
+            }
+            let start = out.len();
+            if let Some(id) = self.rank(piece) {
+                out.push(id);
+            } else if n == 1 {
+                out.push(self.byte_ids[piece[0] as usize]);
+            } else {
+                self.merge(piece, out);
+            }
+            let ids = &out[start..];
+            if ids.len() <= 3 {
+                slot.key = key;
+                slot.n = ids.len() as u32;
+                slot.ids[..ids.len()].copy_from_slice(ids);
+            }
+        } else if let Some(&id) = self.ranks.get(piece) {
             out.push(id);
-        } else if piece.len() == 1 {
-            out.push(self.byte_ids[piece[0] as usize]);
-        } else if piece.len() <= LONG_PIECE {
-            let mut cache = self.cache.get_or_default().0.borrow_mut();
+        } else if n > CACHED_PIECE {
+            // Long pieces (runs of CJK text, identifiers) rarely repeat: caching them costs
+            // more than it saves.
+            self.merge(piece, out);
+        } else {
+            let cache = &mut scratch.pieces;
             if let Some(ids) = cache.get(piece) {
                 out.extend_from_slice(ids);
                 return;
             }
             let start = out.len();
-            merge_short(|b| self.rank(b), piece, Rank::MAX, |r| out.push(r));
+            self.merge(piece, out);
             if cache.len() >= CACHE_ENTRIES {
                 cache.clear();
             }
             cache.insert(piece.into(), out[start..].into());
+        }
+    }
+
+    /// BPE on a piece of two or more bytes that is not itself a token.
+    fn merge(&self, piece: &[u8], out: &mut Vec<Rank>) {
+        if piece.len() <= LONG_PIECE {
+            merge_short(|b| self.rank(b), piece, |r| out.push(r));
         } else {
             merge_long(|b| self.rank(b), piece, |r| out.push(r));
         }
@@ -204,8 +301,10 @@ impl Encoder {
     }
 
     fn encode_ordinary_into(&self, text: &str, out: &mut Vec<Rank>) -> Result<()> {
-        self.pretokenizer
-            .for_each_piece(text, |p| self.encode_piece(p.as_bytes(), out))
+        let mut scratch = self.cache.get_or_default().borrow_mut();
+        self.pretokenizer.for_each_piece(text, |p| {
+            self.encode_piece_with(p.as_bytes(), &mut scratch, out)
+        })
     }
 
     /// Encodes text, turning the special tokens in `allowed` into their ids. If `disallowed`
@@ -310,7 +409,12 @@ impl Encoder {
                 )));
             }
             let mut parts = Vec::with_capacity(2);
-            merge_short(|b| self.rank(b), t, id as Rank, |r| parts.push(r));
+            let below = |b: &[u8]| self.rank(b).filter(|&r| r < id as Rank);
+            if t.len() <= LONG_PIECE {
+                merge_short(below, t, |r| parts.push(r));
+            } else {
+                merge_long(below, t, |r| parts.push(r));
+            }
             if parts.len() != 2 {
                 return Err(Error::InvalidVocab(format!(
                     "token {id} ({t:?}) is not the merge of two lower-ranked tokens"
@@ -340,36 +444,70 @@ fn build_literal_regex<'a>(lits: impl Iterator<Item = &'a str>) -> Result<Option
         .map_err(|e| Error::Value(e.to_string()))
 }
 
-/// The bytes of a short (at most 7 bytes) string packed with its length into a u64.
+/// The bytes of a short (at most 7 bytes) string packed with its length into a u64. Built
+/// from two overlapping loads rather than a variable-length copy (which is a `memcpy` call).
 #[inline]
 fn pack(b: &[u8]) -> u64 {
-    let mut buf = [0u8; 8];
-    buf[..b.len()].copy_from_slice(b);
-    buf[7] = b.len() as u8;
-    u64::from_le_bytes(buf)
+    let n = b.len();
+    debug_assert!(n <= 7);
+    let v = if n >= 4 {
+        let lo = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as u64;
+        let hi = u32::from_le_bytes([b[n - 4], b[n - 3], b[n - 2], b[n - 1]]) as u64;
+        lo | (hi << ((n - 4) * 8))
+    } else if n >= 2 {
+        let lo = u16::from_le_bytes([b[0], b[1]]) as u64;
+        let hi = u16::from_le_bytes([b[n - 2], b[n - 1]]) as u64;
+        lo | (hi << ((n - 2) * 8))
+    } else if n == 1 {
+        b[0] as u64
+    } else {
+        0
+    };
+    v | ((n as u64) << 56)
 }
 
-/// BPE on a short piece: O(n^2) in the worst case but with tiny constants. Only tokens with
-/// rank below `max_rank` may be formed. Calls `emit(rank)` for each final part.
-fn merge_short(
-    rank: impl Fn(&[u8]) -> Option<Rank>,
-    piece: &[u8],
-    max_rank: Rank,
-    mut emit: impl FnMut(Rank),
-) {
-    let rank_of = |s: usize, e: usize| -> Rank {
-        match rank(&piece[s..e]) {
-            Some(r) if r < max_rank => r,
-            _ => Rank::MAX,
-        }
-    };
+/// A piece of at most `HOT_LEN` bytes packed into a u128: up to 7 bytes as [`pack`] in the
+/// low half; longer ones as their first 8 bytes, then the rest packed with a flag bit that
+/// keeps the two forms apart. Never 0.
+#[inline]
+fn pack_hot(b: &[u8]) -> u128 {
+    if b.len() <= 7 {
+        pack(b) as u128
+    } else {
+        let lo = u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+        let hi = pack(&b[8..]) | (1 << 63);
+        lo as u128 | ((hi as u128) << 64)
+    }
+}
+
+/// Slot of a packed piece in the per-thread cache (Fibonacci hashing of both halves).
+#[inline]
+fn hot_index(key: u128) -> usize {
+    let h = (key as u64 ^ ((key >> 64) as u64).rotate_left(29)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (h >> (64 - HOT_BITS)) as usize
+}
+
+/// BPE on a piece of 2 to `LONG_PIECE` bytes: O(n^2) in the worst case but with tiny
+/// constants. Calls `emit(rank)` for each final part.
+fn merge_short(rank: impl Fn(&[u8]) -> Option<Rank>, piece: &[u8], mut emit: impl FnMut(Rank)) {
+    let rank_of = |s: usize, e: usize| rank(&piece[s..e]).unwrap_or(Rank::MAX);
     // bounds[i]..bounds[i+1] is part i; pair_rank[i] is the rank of parts i and i+1 joined.
-    let mut bounds: Vec<usize> = (0..=piece.len()).collect();
-    let mut pair_rank: Vec<Rank> = (0..piece.len() - 1).map(|i| rank_of(i, i + 2)).collect();
+    // Fixed arrays on the stack: this runs once per uncached piece, and two heap
+    // allocations per call were a visible share of the time.
+    debug_assert!(piece.len() >= 2 && piece.len() <= LONG_PIECE);
+    let mut bounds = [0u8; LONG_PIECE + 1];
+    let mut pair_rank = [Rank::MAX; LONG_PIECE];
+    let mut parts = piece.len();
+    for (i, b) in bounds.iter_mut().enumerate().take(parts + 1) {
+        *b = i as u8;
+    }
+    for (i, r) in pair_rank.iter_mut().enumerate().take(parts - 1) {
+        *r = rank_of(i, i + 2);
+    }
     loop {
         let mut best = Rank::MAX;
         let mut at = usize::MAX;
-        for (i, &r) in pair_rank.iter().enumerate() {
+        for (i, &r) in pair_rank[..parts - 1].iter().enumerate() {
             if r < best {
                 best = r;
                 at = i;
@@ -378,18 +516,20 @@ fn merge_short(
         if best == Rank::MAX {
             break;
         }
-        bounds.remove(at + 1);
-        pair_rank.remove(at);
-        if at < pair_rank.len() {
-            pair_rank[at] = rank_of(bounds[at], bounds[at + 2]);
+        bounds.copy_within(at + 2..=parts, at + 1);
+        pair_rank.copy_within(at + 1..parts - 1, at);
+        parts -= 1;
+        let b = |k: usize| bounds[k] as usize;
+        if at + 1 < parts {
+            pair_rank[at] = rank_of(b(at), b(at + 2));
         }
         if at > 0 {
-            pair_rank[at - 1] = rank_of(bounds[at - 1], bounds[at + 1]);
+            pair_rank[at - 1] = rank_of(b(at - 1), b(at + 1));
         }
     }
-    for w in bounds.windows(2) {
+    for w in bounds[..=parts].windows(2) {
         // A final part is a single byte or a merged token, so it always has a rank.
-        emit(rank(&piece[w[0]..w[1]]).unwrap_or(Rank::MAX));
+        emit(rank(&piece[w[0] as usize..w[1] as usize]).unwrap_or(Rank::MAX));
     }
 }
 
@@ -487,10 +627,10 @@ mod tests {
     #[test]
     fn long_and_short_paths_agree() {
         let e = toy(&[b"aa", b"aaaa", b"ab", b"aaab"]);
-        for n in [1usize, 2, 3, 5, 127, 128, 129, 300, 1001] {
+        for n in [1usize, 2, 3, 5, LONG_PIECE - 2, LONG_PIECE - 1] {
             let s: String = "a".repeat(n) + "b";
             let mut short = Vec::new();
-            merge_short(|b| e.rank(b), s.as_bytes(), Rank::MAX, |r| short.push(r));
+            merge_short(|b| e.rank(b), s.as_bytes(), |r| short.push(r));
             let mut long = Vec::new();
             merge_long(|b| e.rank(b), s.as_bytes(), |r| long.push(r));
             assert_eq!(short, long, "n={n}");

@@ -77,27 +77,36 @@ fn class_of(c: char) -> u8 {
     }
 }
 
+/// Classes of the ASCII characters, fixed at compile time (a test checks them against the
+/// regex engine): a table probe per byte is what keeps ASCII text fast.
+static ASCII: [u8; 128] = {
+    let mut t = [0u8; 128];
+    let mut b = 0;
+    while b < 128 {
+        let c = b as u8;
+        t[b] = if c.is_ascii_alphabetic() {
+            L
+        } else if c.is_ascii_digit() {
+            N
+        } else if matches!(c, b'\t' | b'\n' | 0x0B | 0x0C | b'\r' | b' ') {
+            S
+        } else {
+            0
+        };
+        b += 1;
+    }
+    t
+};
+
 /// The character at byte `i` with its class and UTF-8 length.
 #[inline]
 fn at(s: &str, i: usize) -> Option<(char, u8, usize)> {
     let b = *s.as_bytes().get(i)?;
     if b < 0x80 {
-        return Some((b as char, ascii_class(b), 1));
+        return Some((b as char, ASCII[b as usize], 1));
     }
     let c = s[i..].chars().next()?;
     Some((c, class_of(c), c.len_utf8()))
-}
-
-#[inline]
-fn ascii_class(b: u8) -> u8 {
-    static TABLE: OnceLock<[u8; 128]> = OnceLock::new();
-    TABLE.get_or_init(|| {
-        let mut t = [0u8; 128];
-        for (b, slot) in t.iter_mut().enumerate() {
-            *slot = class_of(b as u8 as char);
-        }
-        t
-    })[b as usize]
 }
 
 /// "Other": neither whitespace, letter nor number (the `[^\s\p{L}\p{N}]` class).
@@ -106,14 +115,35 @@ fn is_other(cls: u8) -> bool {
     cls == 0
 }
 
-/// End of the run of characters from `i` whose class satisfies `keep`.
+/// End of the run of characters from `i` whose class is exactly `kind` (the three classes
+/// are disjoint, so "letter", "number", "whitespace" and "other" are each one value). ASCII
+/// bytes are checked in a tight byte loop; only non-ASCII characters are decoded.
 #[inline]
-fn run_end(s: &str, mut i: usize, keep: impl Fn(char, u8) -> bool) -> usize {
-    while let Some((c, cls, n)) = at(s, i) {
-        if !keep(c, cls) {
-            break;
+fn run_of(s: &str, mut i: usize, kind: u8) -> usize {
+    let b = s.as_bytes();
+    loop {
+        while let Some(&x) = b.get(i) {
+            if x >= 0x80 {
+                break;
+            }
+            if ASCII[x as usize] != kind {
+                return i;
+            }
+            i += 1;
         }
-        i += n;
+        match at(s, i) {
+            Some((_, k, n)) if k == kind => i += n,
+            _ => return i,
+        }
+    }
+}
+
+/// End of the run of `\r`/`\n` bytes from `i`.
+#[inline]
+fn newlines_end(s: &str, mut i: usize) -> usize {
+    let b = s.as_bytes();
+    while matches!(b.get(i), Some(b'\r' | b'\n')) {
+        i += 1;
     }
     i
 }
@@ -142,6 +172,31 @@ fn contraction(s: &str, fold: bool) -> Option<usize> {
     None
 }
 
+/// The most common piece in any text, an ASCII letter or a space then an ASCII letter, and
+/// the letters after it: both patterns take exactly that as one piece (GPT-2's ` ?\p{L}++`,
+/// cl100k's `[^\r\n\p{L}\p{N}]?+\p{L}++`; no earlier alternative starts with a letter or a
+/// space). `None` sends every other start to the general code.
+#[inline(always)]
+fn ascii_word(s: &str, i: usize) -> Option<usize> {
+    let b = s.as_bytes();
+    let is_letter = |x: u8| (x | 0x20).wrapping_sub(b'a') < 26;
+    let start = match b.get(i) {
+        Some(&x) if is_letter(x) => i + 1,
+        Some(b' ') if b.get(i + 1).is_some_and(|&x| is_letter(x)) => i + 2,
+        _ => return None,
+    };
+    let mut j = start;
+    while j < b.len() && is_letter(b[j]) {
+        j += 1;
+    }
+    // A non-ASCII byte may continue the run with a non-ASCII letter.
+    Some(if j < b.len() && b[j] >= 0x80 {
+        run_of(s, j, L)
+    } else {
+        j
+    })
+}
+
 /// The end of the whitespace handling shared by both patterns once no earlier alternative
 /// matched at whitespace `i` whose run ends at `r`: `\s++$` takes the run if it ends the text;
 /// `\s+(?!\S)` takes all but the last whitespace character if the run has two or more;
@@ -161,6 +216,9 @@ fn whitespace_tail(s: &str, i: usize, r: usize, first_len: usize) -> usize {
 
 /// `'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s`
 pub fn gpt2_piece_end(s: &str, i: usize) -> usize {
+    if let Some(end) = ascii_word(s, i) {
+        return end;
+    }
     let Some((c, cls, n)) = at(s, i) else {
         return i;
     };
@@ -181,16 +239,18 @@ pub fn gpt2_piece_end(s: &str, i: usize) -> usize {
         (i, cls)
     };
     if kind & S == 0 {
-        let same = |_: char, k: u8| k == kind;
-        return run_end(s, start, same);
+        return run_of(s, start, kind);
     }
     // Alternatives 5-7 on a whitespace run.
-    let r = run_end(s, i, |_, k| k & S != 0);
+    let r = run_of(s, i, S);
     whitespace_tail(s, i, r, n)
 }
 
 /// `'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s`
 pub fn cl100k_piece_end(s: &str, i: usize) -> usize {
+    if let Some(end) = ascii_word(s, i) {
+        return end;
+    }
     let Some((c, cls, n)) = at(s, i) else {
         return i;
     };
@@ -200,17 +260,16 @@ pub fn cl100k_piece_end(s: &str, i: usize) -> usize {
             return i + 1 + k;
         }
     }
-    let letters = |_: char, k: u8| k == L;
     // Alternative 2: letters, optionally preceded by one character that is not \r, \n, a
     // letter or a number (possessive: if that character is there but no letter follows,
     // the alternative fails rather than retrying without it).
     if cls == L {
-        return run_end(s, i, letters);
+        return run_of(s, i, L);
     }
     if cls & N == 0 && c != '\r' && c != '\n' {
         if let Some((_, next, _)) = at(s, i + n) {
             if next == L {
-                return run_end(s, i + n, letters);
+                return run_of(s, i + n, L);
             }
         }
     }
@@ -236,14 +295,14 @@ pub fn cl100k_piece_end(s: &str, i: usize) -> usize {
     };
     if let Some((_, k, _)) = at(s, start) {
         if is_other(k) {
-            let j = run_end(s, start, |_, k| is_other(k));
-            return run_end(s, j, |ch, _| ch == '\r' || ch == '\n');
+            let j = run_of(s, start, 0);
+            return newlines_end(s, j);
         }
     }
     // Here `c` is whitespace. Alternative 5 (`\s++$`) is `whitespace_tail`'s first case;
     // alternative 6 (`\s*[\r\n]`) comes before the rest of it: the greedy `\s*` backs off to
     // the last \r or \n of the run.
-    let r = run_end(s, i, |_, k| k & S != 0);
+    let r = run_of(s, i, S);
     if r == s.len() {
         return r;
     }
@@ -320,6 +379,13 @@ mod tests {
         let re = fancy_regex::Regex::new(CL100K_PATTERN).unwrap();
         for s in samples() {
             assert_eq!(by_scan(cl100k_piece_end, &s), by_regex(&re, &s), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn ascii_table_matches_unicode_classes() {
+        for b in 0u8..128 {
+            assert_eq!(ASCII[b as usize], class_of(b as char), "byte {b:#04x}");
         }
     }
 
