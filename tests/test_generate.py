@@ -347,3 +347,49 @@ def test_sampling_matches_transformers_under_same_seed(hf_pair, kw: dict) -> Non
     ref = hf_generate(hf, prompt, 30, do_sample=True, **hf_kw)
     torch.manual_seed(5)
     assert torch.equal(m.generate(prompt, 30, **kw), ref)
+
+
+@pytest.mark.parametrize("kw", [dict(position="rope"), dict(position="learned"),
+                                dict(bias=False, tie_embeddings=False, activation="relu")])
+def test_decode_step_equals_forward(kw):
+    model = tiny(vocab=40, block=16, **kw).eval()
+    seq = torch.randint(0, 40, (3, 12))
+    with torch.no_grad():
+        full = model(seq)
+        cache = model.new_cache(3)
+        model(seq[:, :5], cache=cache)  # prefill
+        for t in range(5, 12):
+            step = model.decode_step(seq[:, t : t + 1], cache)
+            assert torch.allclose(step, full[:, t], atol=1e-5), t
+        assert cache.pos == 12
+
+
+def test_decode_step_rejects_bad_input_and_reads_current_weights():
+    model = tiny(vocab=40, block=4).eval()
+    cache = model.new_cache(2)
+    with pytest.raises(ValueError, match=r"\(batch, 1\)"):
+        model.decode_step(torch.zeros(2, 2, dtype=torch.long), cache)
+    with torch.no_grad():
+        for _ in range(4):
+            model.decode_step(torch.zeros(2, 1, dtype=torch.long), cache)
+        with pytest.raises(ValueError, match="full"):
+            model.decode_step(torch.zeros(2, 1, dtype=torch.long), cache)
+        # Without a plan, each step reads the parameters the model holds now.
+        model.lm_head.weight = torch.nn.Parameter(torch.zeros_like(model.lm_head.weight))
+        cache.reset()
+        assert model.decode_step(torch.zeros(2, 1, dtype=torch.long), cache).abs().max() == 0
+
+
+def test_streaming_leaves_grad_mode_alone_and_yields_ordinary_tensors():
+    model = tiny(vocab=30, block=16)
+    idx = torch.tensor([[1, 2, 3]])
+    for tok in model.generate_stream(idx, 5, temperature=0):
+        assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+        assert not tok.is_inference()
+    out = model.generate(idx, 5, temperature=0)
+    assert not out.is_inference()
+    # The output can feed a training step (inference tensors cannot be saved for backward).
+    model.train()
+    _, loss = model(out[:, :-1], out[:, 1:])
+    loss.backward()
+    assert model.transformer.wte.weight.grad is not None

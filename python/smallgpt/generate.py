@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from smallgpt.model import GPT, KVCache
+    from smallgpt.model import GPT, DecodePlan, KVCache
 
 __all__ = [
     "apply_repetition_penalty",
@@ -249,6 +249,7 @@ class _Stepper:
         self.cache: KVCache | None = None
         self.use_cache = use_cache
         self.seen = 0  # length of the history already in the cache
+        self.plan: DecodePlan | None = None
 
     def _last_logits(self, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         h = self.model.hidden_states(idx, cache)
@@ -266,6 +267,11 @@ class _Stepper:
         if self.cache.pos + new.shape[1] > self.cache.max_len:
             return self._prefill(seqs, keep=max(1, self.block // 2))
         self.seen = length
+        if new.shape[1] == 1:
+            if self.plan is None:
+                self.plan = self.model.decode_plan()
+            logits = self.model.decode_step(new, self.cache, self.plan).float()
+            return logits if self.vocab_limit is None else logits[:, : self.vocab_limit]
         return self._last_logits(new, self.cache)
 
     def _prefill(self, seqs: torch.Tensor, keep: int | None = None) -> torch.Tensor:
@@ -328,46 +334,56 @@ def _sample_steps(
     B, T = idx.shape
     seqs = torch.empty((B, T + max_new_tokens), dtype=torch.long, device=idx.device)
     seqs[:, :T] = idx
-    finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
     stepper = _Stepper(model, use_cache, s.vocab_limit, T + max_new_tokens)
     max_stop = max((len(x.encode("utf-8")) for x in s.stop), default=0)
-    with torch.no_grad(), _EvalMode(model):
-        for step in range(max_new_tokens):
-            cur = T + step
-            logits = stepper.logits(seqs[:, :cur])
-            logits = process_logits(
-                logits, seqs[:, :cur], temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                min_p=s.min_p, repetition_penalty=s.repetition_penalty,
-            )
-            if s.temperature == 0:
-                nxt = torch.argmax(logits, dim=-1)
-            else:
-                probs = F.softmax(logits, dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-            can_finish = s.eos_token_id is not None or bool(s.stop)
-            if can_finish:
-                nxt = torch.where(finished, torch.full_like(nxt, s.pad), nxt)
-                was_finished = finished.clone()
+    can_finish = s.eos_token_id is not None or bool(s.stop)
+    state = {"finished": torch.zeros(B, dtype=torch.bool, device=idx.device)}
+
+    # One step under inference mode (cheaper per op than no_grad, which matters at one token
+    # per step); the mode is entered per step so that it never leaks to the caller's code
+    # between yields, and what is yielded is an ordinary tensor.
+    @torch.inference_mode()
+    def advance(step: int) -> tuple[torch.Tensor, bool]:
+        cur = T + step
+        finished = state["finished"]
+        logits = stepper.logits(seqs[:, :cur])
+        logits = process_logits(
+            logits, seqs[:, :cur], temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+            min_p=s.min_p, repetition_penalty=s.repetition_penalty,
+        )
+        if s.temperature == 0:
+            nxt = torch.argmax(logits, dim=-1)
+        else:
+            probs = F.softmax(logits, dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        if not can_finish:
             seqs[:, cur] = nxt
-            if s.eos_token_id is not None:
-                finished = finished | (nxt == s.eos_token_id)
-            if s.stop:
-                assert s.decode is not None
-                # Every token is at least one byte, so a stop string of n bytes completed by
-                # this token lies within the last n + 1 tokens.
-                lo = max(T, cur + 1 - (max_stop + 1))
-                for b in range(B):
-                    if not finished[b]:
-                        tail = s.decode(seqs[b, lo : cur + 1].tolist())
-                        if _stop_hit(tail, s.stop):
-                            finished[b] = True
-            if not can_finish:
-                yield nxt
-                continue
-            if ends is not None:
-                ends[finished & ~was_finished] = step + 1
-            yield nxt
-            if bool(finished.all()):
+            return nxt, False
+        nxt = torch.where(finished, torch.full_like(nxt, s.pad), nxt)
+        was_finished = finished.clone()
+        seqs[:, cur] = nxt
+        if s.eos_token_id is not None:
+            finished = finished | (nxt == s.eos_token_id)
+        if s.stop:
+            assert s.decode is not None
+            # Every token is at least one byte, so a stop string of n bytes completed by
+            # this token lies within the last n + 1 tokens.
+            lo = max(T, cur + 1 - (max_stop + 1))
+            for b in range(B):
+                if not finished[b]:
+                    tail = s.decode(seqs[b, lo : cur + 1].tolist())
+                    if _stop_hit(tail, s.stop):
+                        finished[b] = True
+        if ends is not None:
+            ends[finished & ~was_finished] = step + 1
+        state["finished"] = finished
+        return nxt, bool(finished.all())
+
+    with _EvalMode(model):
+        for step in range(max_new_tokens):
+            nxt, all_done = advance(step)
+            yield nxt.clone()
+            if all_done:
                 return
 
 
@@ -451,7 +467,7 @@ def _beam_search(
 
     stepper = _Stepper(model, use_cache, s.vocab_limit, L)
     cur = T
-    with torch.no_grad(), _EvalMode(model):
+    with torch.inference_mode(), _EvalMode(model):
         while True:
             flat = running[:, :, :cur].reshape(B * K, cur)
             logits = stepper.logits(flat)

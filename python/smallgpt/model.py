@@ -125,6 +125,18 @@ class GPTConfig:
         return cls(**d)
 
 
+@dataclass
+class DecodePlan:
+    """The parameters :meth:`GPT.decode_step` reads, gathered once per generation."""
+
+    wte: torch.Tensor
+    wpe: torch.Tensor | None
+    layers: list[tuple[Any, ...]]
+    lnf_w: torch.Tensor
+    lnf_b: torch.Tensor | None
+    head: torch.Tensor
+
+
 class KVCache:
     """Preallocated keys and values for every layer, for incremental decoding.
 
@@ -419,6 +431,75 @@ class GPT(nn.Module):
             logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1
         )
         return logits, loss
+
+    def decode_step(
+        self, idx: torch.Tensor, cache: KVCache, plan: DecodePlan | None = None
+    ) -> torch.Tensor:
+        """Logits ``(B, vocab_size)`` of the next token after one new token per sequence.
+
+        ``idx`` is ``(B, 1)``; its keys and values are appended to ``cache`` (which must have
+        room). Computes what :meth:`forward` computes for that position, with the same
+        operations, but calls the functional ops on the weights directly: at one token per
+        step a small model's time goes to per-op and per-module overhead, not arithmetic.
+        Inference only (no dropout, no autograd). ``plan`` (from :meth:`decode_plan`) saves
+        gathering the parameters again on every step of one generation.
+        """
+        B = idx.shape[0]
+        pos = cache.pos
+        if idx.shape != (B, 1) or cache.batch_size != B:
+            raise ValueError(f"decode_step takes (batch, 1) ids for a cache of {cache.batch_size}")
+        if pos >= cache.max_len:
+            raise ValueError(f"the cache is full ({cache.max_len} positions)")
+        cfg = self.config
+        C, H, D = cfg.n_embd, cfg.n_head, cfg.head_dim
+        plan = plan or self.decode_plan()
+        x = F.embedding(idx, plan.wte)
+        rope = None
+        if plan.wpe is not None:
+            x = x + plan.wpe[pos]
+        else:
+            rope = (self.rope_cos[pos], self.rope_sin[pos])
+        eps = cfg.layer_norm_eps
+        for i, (ln1_w, ln1_b, qkv_w, qkv_b, o_w, o_b, ln2_w, ln2_b, fc_w, fc_b, p_w, p_b) in (
+            enumerate(plan.layers)
+        ):
+            h = torch.layer_norm(x, (C,), ln1_w, ln1_b, eps)
+            qkv = F.linear(h, qkv_w, qkv_b).view(B, 3, H, D)
+            qk = qkv[:, :2] if rope is None else _apply_rope(qkv[:, :2], *rope)
+            cache.k[i, :, :, pos] = qk[:, 1]
+            cache.v[i, :, :, pos] = qkv[:, 2]
+            y = F.scaled_dot_product_attention(
+                qk[:, 0, :, None], cache.k[i, :, :, : pos + 1], cache.v[i, :, :, : pos + 1]
+            )
+            x = x + F.linear(y.view(B, 1, C), o_w, o_b)
+            h = F.linear(torch.layer_norm(x, (C,), ln2_w, ln2_b, eps), fc_w, fc_b)
+            if cfg.activation == "relu":
+                h = F.relu(h)
+            elif cfg.activation == "gelu":
+                h = F.gelu(h)
+            else:
+                h = F.gelu(h, approximate="tanh")
+            x = x + F.linear(h, p_w, p_b)
+        cache.pos = pos + 1
+        x = torch.layer_norm(x[:, 0], (C,), plan.lnf_w, plan.lnf_b, eps)
+        return F.linear(x, plan.head)
+
+    def decode_plan(self) -> DecodePlan:
+        """The parameters :meth:`decode_step` reads, gathered into flat lists once (an
+        ``nn.Module`` attribute lookup costs about a microsecond, and a step needs dozens).
+        Valid until a parameter object is replaced."""
+        t = self.transformer
+        layers = [
+            (
+                b.ln_1.weight, b.ln_1.bias, b.attn.c_attn.weight, b.attn.c_attn.bias,
+                b.attn.c_proj.weight, b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias,
+                b.mlp.c_fc.weight, b.mlp.c_fc.bias, b.mlp.c_proj.weight, b.mlp.c_proj.bias,
+            )
+            for b in t.h
+        ]
+        wpe = t.wpe.weight if self.config.position == "learned" else None
+        return DecodePlan(t.wte.weight, wpe, layers, t.ln_f.weight, t.ln_f.bias,
+                          self.lm_head.weight)
 
     def new_cache(
         self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None
