@@ -271,3 +271,19 @@ def test_numpy_outputs_match_lists_and_keep_special_rules(gpt2):
         tok.encode_batch_to_numpy("not a list")
     empty_ids, empty_offsets = tok.encode_batch_to_numpy([])
     assert empty_ids.size == 0 and empty_offsets.tolist() == [0]
+
+
+def test_from_gpt2_rejects_characters_outside_the_byte_alphabet(tmp_path, gpt2_files):
+    encoder_json, vocab_bpe = gpt2_files
+    lines = Path(vocab_bpe).read_text(encoding="utf-8").split("\n")
+    lines[1] = "\u4e2d " + lines[1].split()[1]  # not one of GPT-2's 256 byte characters
+    bad = tmp_path / "vocab.bpe"
+    bad.write_text("\n".join(lines), encoding="utf-8")
+    with pytest.raises(ValueError, match="not a byte-level BPE file"):
+        Tokenizer.from_gpt2(encoder_json, bad)
+    enc = json.loads(Path(encoder_json).read_text(encoding="utf-8"))
+    enc["\x00x"] = len(enc)
+    bad_json = tmp_path / "encoder.json"
+    bad_json.write_text(json.dumps(enc), encoding="utf-8")
+    with pytest.raises(ValueError, match="not a byte-level BPE file"):
+        Tokenizer.from_gpt2(bad_json, vocab_bpe)

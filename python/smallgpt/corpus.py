@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -183,8 +184,13 @@ def tokenize_corpus(
     # renamed at the very end, so an interrupted run never leaves a shard that looks complete.
     for p in existing:
         p.unlink()
-    stats = _run(tok, eot, sources, out, val_fraction, shard_tokens, bits, errors, progress,
-                 workers)
+    # The tokenizer's JSON (tens of milliseconds for a large vocabulary) is built on a thread
+    # while Rust encodes with the GIL released; it is written after the shards, as before.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        tok_json = pool.submit(tok.to_json_str)
+        stats = _run(tok, eot, sources, out, val_fraction, shard_tokens, bits, errors,
+                     progress, workers)
+        tok_text = tok_json.result()
     meta: dict[str, Any] = {
         "format": META_FORMAT,
         "version": META_VERSION,
@@ -198,7 +204,7 @@ def tokenize_corpus(
         },
         "inputs": [str(f) for f in files],
     }
-    tok.save(out / "tokenizer.json")
+    atomic_write_text(out / "tokenizer.json", tok_text)
     _write_json(out / "meta.json", meta)
     return meta
 

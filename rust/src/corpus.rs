@@ -11,7 +11,7 @@
 
 use std::borrow::Cow;
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc::TrySendError;
@@ -211,13 +211,18 @@ struct Segment {
     val: bool,
 }
 
-/// Writes consecutive shards of one split.
+/// Writes consecutive shards of one split, streaming: tokens go to the open `.tmp` file as
+/// they arrive (so the writing overlaps the encoding instead of coming all at the end), and
+/// the header's token count is filled in when the shard is closed.
 struct ShardWriter {
     dir: PathBuf,
     prefix: &'static str,
     dtype: Dtype,
     shard_tokens: usize,
-    buf: Vec<Rank>,
+    /// The shard being written: its temporary path, the file, and its token count so far.
+    open: Option<(PathBuf, BufWriter<File>, usize)>,
+    /// Reused buffer for the little-endian bytes of a run of tokens.
+    bytes: Vec<u8>,
     /// (temporary path, final name) of each finished shard, in order.
     done: Vec<(PathBuf, String)>,
 }
@@ -229,7 +234,8 @@ impl ShardWriter {
             prefix,
             dtype: opts.dtype,
             shard_tokens: opts.shard_tokens,
-            buf: Vec::new(),
+            open: None,
+            bytes: Vec::new(),
             done: Vec::new(),
         }
     }
@@ -237,31 +243,80 @@ impl ShardWriter {
     fn push(&mut self, tokens: &[Rank]) -> Result<()> {
         let mut rest = tokens;
         while !rest.is_empty() {
-            let room = self.shard_tokens - self.buf.len();
-            let take = room.min(rest.len());
-            self.buf.extend_from_slice(&rest[..take]);
+            if self.open.is_none() {
+                let name = format!("{}_{:06}.bin", self.prefix, self.done.len());
+                let tmp = self.dir.join(format!("{name}.tmp"));
+                let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+                let mut w = BufWriter::with_capacity(1 << 20, file);
+                // The count (word 2) is written when the shard is closed.
+                let header = header_bytes(self.dtype, 0);
+                w.write_all(&header).map_err(|e| Error::io(&tmp, e))?;
+                self.open = Some((tmp, w, 0));
+            }
+            let (tmp, w, count) = self.open.as_mut().expect("a shard is open");
+            let take = (self.shard_tokens - *count).min(rest.len());
+            self.bytes.clear();
+            match self.dtype {
+                Dtype::U16 => {
+                    for &t in &rest[..take] {
+                        self.bytes.extend_from_slice(&(t as u16).to_le_bytes());
+                    }
+                }
+                Dtype::U32 => {
+                    for &t in &rest[..take] {
+                        self.bytes.extend_from_slice(&t.to_le_bytes());
+                    }
+                }
+            }
+            w.write_all(&self.bytes).map_err(|e| Error::io(&*tmp, e))?;
+            *count += take;
             rest = &rest[take..];
-            if self.buf.len() == self.shard_tokens {
+            if *count == self.shard_tokens {
                 self.flush()?;
             }
         }
         Ok(())
     }
 
+    /// Closes the open shard, if any: fills in its token count and syncs it to disk.
     fn flush(&mut self) -> Result<()> {
-        if self.buf.is_empty() {
+        let Some((tmp, w, count)) = self.open.take() else {
             return Ok(());
+        };
+        let finish = || -> std::io::Result<()> {
+            let mut file = w.into_inner().map_err(|e| e.into_error())?;
+            file.seek(SeekFrom::Start(8))?;
+            file.write_all(&(count as i32).to_le_bytes())?;
+            file.sync_all()
+        };
+        if let Err(e) = finish() {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(Error::io(&tmp, e));
         }
         let name = format!("{}_{:06}.bin", self.prefix, self.done.len());
-        let tmp = self.dir.join(format!("{name}.tmp"));
-        if let Err(e) = write_shard(&tmp, &self.buf, self.dtype) {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
         self.done.push((tmp, name));
-        self.buf.clear();
         Ok(())
     }
+}
+
+impl Drop for ShardWriter {
+    /// A shard still open here belongs to a failed run: remove its temporary file.
+    fn drop(&mut self) {
+        if let Some((tmp, w, _)) = self.open.take() {
+            drop(w);
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+}
+
+/// The 256-word llm.c header for `n` tokens.
+fn header_bytes(dtype: Dtype, n: i32) -> Vec<u8> {
+    let (magic, version) = dtype.header();
+    let mut header = [0i32; HEADER_WORDS];
+    header[0] = magic;
+    header[1] = version;
+    header[2] = n;
+    header.iter().flat_map(|h| h.to_le_bytes()).collect()
 }
 
 /// Writes one shard file (header + tokens) at `path`.
@@ -270,15 +325,8 @@ pub fn write_shard(path: &Path, tokens: &[Rank], dtype: Dtype) -> Result<()> {
         .map_err(|_| Error::Value("a shard holds at most 2^31-1 tokens".into()))?;
     let file = File::create(path).map_err(|e| Error::io(path, e))?;
     let mut w = BufWriter::with_capacity(1 << 20, file);
-    let (magic, version) = dtype.header();
-    let mut header = [0i32; HEADER_WORDS];
-    header[0] = magic;
-    header[1] = version;
-    header[2] = n;
     let io = |e| Error::io(path, e);
-    for h in header {
-        w.write_all(&h.to_le_bytes()).map_err(io)?;
-    }
+    w.write_all(&header_bytes(dtype, n)).map_err(io)?;
     match dtype {
         Dtype::U16 => {
             let mut bytes = Vec::with_capacity(tokens.len() * 2);
@@ -323,8 +371,10 @@ pub fn tokenize_corpus(
             opts.dtype
         )));
     }
-    if opts.shard_tokens == 0 {
-        return Err(Error::Value("shard_tokens must be positive".into()));
+    if opts.shard_tokens == 0 || opts.shard_tokens > i32::MAX as usize {
+        return Err(Error::Value(
+            "shard_tokens must be between 1 and 2^31-1 (the header's count is an int32)".into(),
+        ));
     }
     if !(0.0..1.0).contains(&opts.val_fraction) {
         return Err(Error::Value("val_fraction must be in [0, 1)".into()));
@@ -490,7 +540,11 @@ pub fn tokenize_corpus(
         (result, train, val, stats)
     });
     progress(done_bytes.load(Relaxed));
-    let temps: Vec<(PathBuf, String)> = train.done.into_iter().chain(val.done).collect();
+    let (mut train, mut val) = (train, val);
+    let temps: Vec<(PathBuf, String)> = std::mem::take(&mut train.done)
+        .into_iter()
+        .chain(std::mem::take(&mut val.done))
+        .collect();
     if let Err(e) = result {
         for (tmp, _) in &temps {
             let _ = std::fs::remove_file(tmp);
