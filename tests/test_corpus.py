@@ -66,6 +66,39 @@ def test_separator_and_jsonl(tmp_path, small_tok):
     assert meta["splits"]["val"]["documents"] == 2
 
 
+def test_parquet_round_trip(tmp_path, small_tok):
+    import pyarrow as pa  # in the [test] extra; without it, see the next test
+    import pyarrow.parquet as pq
+
+    docs = ["one\n", "  two  ", "\u65e5\u672c\u8a9e \U0001f600", "four", "five \r\n x"]
+    table = pa.table({"id": list(range(7)), "body": docs[:2] + [None, ""] + docs[2:]})
+    pq.write_table(table, tmp_path / "d.parquet", row_group_size=2)  # several row groups
+    out = tmp_path / "out"
+    meta = tokenize_corpus([tmp_path / "d.parquet", tmp_path / "d.parquet"], out,
+                           tokenizer=small_tok, text_field="body", val_fraction=0.2)
+    assert decode_split(out, "train") + decode_split(out, "val") == docs + docs
+    assert meta["inputs"] == [str(tmp_path / "d.parquet")] * 2
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["meta.json", "tokenizer.json", *meta["splits"]["train"]["shards"],
+         *meta["splits"]["val"]["shards"]]
+    ), "the temporary JSON lines must be gone"
+    for field, expect in [("nope", "no column 'nope'"), ("id", "not strings")]:
+        with pytest.raises(CorpusError, match=expect):
+            tokenize_corpus([tmp_path / "d.parquet"], tmp_path / "o2", tokenizer=small_tok,
+                            text_field=field)
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(CorpusError, match="not a readable parquet file"):
+        tokenize_corpus([tmp_path / "bad.parquet"], tmp_path / "o3", tokenizer=small_tok)
+
+
+def test_parquet_without_pyarrow_is_a_clear_error(tmp_path, small_tok, monkeypatch):
+    (tmp_path / "d.parquet").write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if it were not installed
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(CorpusError, match=r"needs pyarrow \(pip install 'smallgpt\[parquet\]'\)"):
+        tokenize_corpus([tmp_path / "d.parquet"], tmp_path / "o", tokenizer=small_tok)
+
+
 def test_single_document_gets_nanogpt_split(tmp_path, small_tok, sample_texts):
     text = sample_texts["english"]
     (tmp_path / "one.txt").write_text(text, encoding="utf-8")

@@ -7,9 +7,11 @@ tokenizer, guards the output folder and writes ``meta.json``.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -24,6 +26,7 @@ META_FORMAT = "smallgpt-shards"
 META_VERSION = 1
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
+PARQUET_SUFFIXES = (".parquet",)
 
 
 class CorpusError(ValueError):
@@ -45,10 +48,11 @@ def expand_inputs(inputs: Sequence[PathLike]) -> list[Path]:
         if p.is_dir():
             found = sorted(
                 f for f in p.rglob("*")
-                if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES + JSONL_SUFFIXES
+                if f.is_file()
+                and f.suffix.lower() in TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
             )
             if not found:
-                raise CorpusError(f"{p}: directory holds no .txt or .jsonl file")
+                raise CorpusError(f"{p}: directory holds no .txt, .jsonl or .parquet file")
             files.extend(found)
         elif p.is_file():
             files.append(p)
@@ -60,18 +64,55 @@ def expand_inputs(inputs: Sequence[PathLike]) -> list[Path]:
 
 
 def _sources(
-    files: Sequence[Path], doc_separator: Optional[str], text_field: str
+    files: Sequence[Path], doc_separator: Optional[str], text_field: str,
+    parquet_dir: Optional[Path] = None,
 ) -> list[tuple[str, str, Optional[str]]]:
     out: list[tuple[str, str, Optional[str]]] = []
-    for f in files:
+    for i, f in enumerate(files):
         suffix = f.suffix.lower()
         if suffix in JSONL_SUFFIXES:
             out.append((str(f), "jsonl", text_field))
-        elif suffix == ".parquet":
-            raise CorpusError(f"{f}: parquet input is not supported yet; convert it to .jsonl")
+        elif suffix in PARQUET_SUFFIXES:
+            assert parquet_dir is not None
+            converted = parquet_dir / f"{i:06d}.jsonl"
+            _parquet_to_jsonl(f, text_field, converted)
+            out.append((str(converted), "jsonl", "text"))
         else:
             out.append((str(f), "text", doc_separator))
     return out
+
+
+def _parquet_to_jsonl(path: Path, field: str, dest: Path) -> None:
+    """Writes the string column ``field`` of a parquet file as JSON lines (one document per
+    row; nulls are dropped like empty documents). The Rust pipeline reads JSON lines, so
+    parquet goes through this temporary file, streamed batch by batch."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise CorpusError(
+            f"{path}: reading .parquet needs pyarrow (pip install 'smallgpt[parquet]')"
+        ) from None
+    try:
+        pf = pq.ParquetFile(path)
+        schema = pf.schema_arrow
+    except (OSError, pa.ArrowException) as e:
+        raise CorpusError(f"{path}: not a readable parquet file ({e})") from None
+    if field not in schema.names:
+        raise CorpusError(f"{path}: no column {field!r} (columns: {', '.join(schema.names)})")
+    kind = schema.field(field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise CorpusError(f"{path}: column {field!r} holds {kind}, not strings")
+    dumps = json.dumps
+    try:
+        with open(dest, "w", encoding="utf-8") as out:
+            for batch in pf.iter_batches(columns=[field], batch_size=8192):
+                out.writelines(
+                    dumps({"text": doc}, ensure_ascii=False) + "\n"
+                    for doc in batch.column(0).to_pylist() if doc
+                )
+    except (OSError, pa.ArrowException) as e:
+        raise CorpusError(f"{path}: could not read the parquet file ({e})") from None
 
 
 def load_any_tokenizer(path: PathLike) -> Tokenizer:
@@ -124,7 +165,8 @@ def tokenize_corpus(
     ``vocab.bpe``), or ``vocab_size`` to train a new one on the inputs first.
 
     Each ``.txt`` file is one document (or several, split on ``doc_separator``); each line of
-    a ``.jsonl`` file is one, taken from ``text_field``. Empty documents are dropped. Every
+    a ``.jsonl`` file is one, taken from ``text_field``, and so is each row of a ``.parquet``
+    file (column ``text_field``; needs ``pyarrow``). Empty documents are dropped. Every
     document is preceded by the end-of-text token. The last ``ceil(val_fraction * documents)``
     documents form the validation split; a single document is split by characters instead
     (validation = its last ``val_fraction`` of characters, nanoGPT's split).
@@ -143,13 +185,46 @@ def tokenize_corpus(
     if workers is not None and workers < 1:
         raise CorpusError(f"workers must be at least 1, got {workers}")
     files = expand_inputs(inputs)
-    sources = _sources(files, doc_separator, text_field)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise CorpusError(f"{out}: exists and is not a directory")
     existing = _existing_outputs(out) if out.exists() else []
     if existing and not overwrite:
         raise CorpusError(f"{out} already holds shards ({existing[0].name}); pass --overwrite")
+    with contextlib.ExitStack() as stack:
+        parquet_dir = None
+        if any(f.suffix.lower() in PARQUET_SUFFIXES for f in files):
+            out.mkdir(parents=True, exist_ok=True)
+            parquet_dir = Path(stack.enter_context(
+                tempfile.TemporaryDirectory(prefix=".parquet-", dir=out)
+            ))
+        sources = _sources(files, doc_separator, text_field, parquet_dir)
+        return _tokenize(
+            files, sources, out, existing, tokenizer=tokenizer, gpt2_dir=gpt2_dir,
+            vocab_size=vocab_size, pattern=pattern, special_tokens=special_tokens,
+            val_fraction=val_fraction, shard_tokens=shard_tokens, dtype=dtype,
+            workers=workers, errors=errors, progress=progress,
+        )
+
+
+def _tokenize(
+    files: Sequence[Path],
+    sources: Any,
+    out: Path,
+    existing: Sequence[Path],
+    *,
+    tokenizer: Union[Tokenizer, PathLike, None],
+    gpt2_dir: Optional[PathLike],
+    vocab_size: Optional[int],
+    pattern: str,
+    special_tokens: Sequence[str],
+    val_fraction: float,
+    shard_tokens: int,
+    dtype: str,
+    workers: Optional[int],
+    errors: str,
+    progress: bool,
+) -> dict[str, Any]:
 
     tok: Tokenizer
     if isinstance(tokenizer, Tokenizer):
