@@ -98,13 +98,13 @@ pub struct CorpusStats {
 }
 
 /// A file's contents, borrowed from a memory map when valid UTF-8.
-struct FileText {
+pub(crate) struct FileText {
     // Declared before the map so it is dropped first.
-    text: Cow<'static, str>,
+    pub(crate) text: Cow<'static, str>,
     _map: Option<memmap2::Mmap>,
 }
 
-fn open_text(path: &Path, errors: Utf8Errors) -> Result<FileText> {
+pub(crate) fn open_text(path: &Path, errors: Utf8Errors) -> Result<FileText> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     if len == 0 {

@@ -30,7 +30,7 @@ const HOT_BITS: u32 = 13;
 type PieceMap = FxHashMap<Box<[u8]>, Box<[Rank]>>;
 
 /// Pieces of up to this many bytes go through the per-thread direct-mapped cache.
-const HOT_LEN: usize = 15;
+pub(crate) const HOT_LEN: usize = 15;
 const _: () = assert!(HOT_LEN < CACHED_PIECE && HOT_LEN <= LONG_PIECE);
 
 /// One slot of the short-piece cache: a piece of at most `HOT_LEN` bytes (packed, see
@@ -470,13 +470,27 @@ fn pack(b: &[u8]) -> u64 {
 /// low half; longer ones as their first 8 bytes, then the rest packed with a flag bit that
 /// keeps the two forms apart. Never 0.
 #[inline]
-fn pack_hot(b: &[u8]) -> u128 {
+pub(crate) fn pack_hot(b: &[u8]) -> u128 {
     if b.len() <= 7 {
         pack(b) as u128
     } else {
         let lo = u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
         let hi = pack(&b[8..]) | (1 << 63);
         lo as u128 | ((hi as u128) << 64)
+    }
+}
+
+/// The bytes [`pack_hot`] packed.
+pub(crate) fn unpack_hot(key: u128) -> Vec<u8> {
+    let (lo, hi) = (key as u64, (key >> 64) as u64);
+    if hi == 0 {
+        let n = (lo >> 56) as usize;
+        lo.to_le_bytes()[..n].to_vec()
+    } else {
+        let n = ((hi >> 56) & 0x7F) as usize;
+        let mut out = lo.to_le_bytes().to_vec();
+        out.extend_from_slice(&hi.to_le_bytes()[..n]);
+        out
     }
 }
 
@@ -634,6 +648,18 @@ mod tests {
             let mut long = Vec::new();
             merge_long(|b| e.rank(b), s.as_bytes(), |r| long.push(r));
             assert_eq!(short, long, "n={n}");
+        }
+    }
+
+    #[test]
+    fn pack_hot_round_trips() {
+        let text = b"\x00\x01abcdefghijklmno\xff\x80";
+        for n in 1..=HOT_LEN {
+            for start in 0..=text.len() - n {
+                let b = &text[start..start + n];
+                assert_eq!(unpack_hot(pack_hot(b)), b, "{b:?}");
+                assert_ne!(pack_hot(b), 0);
+            }
         }
     }
 

@@ -15,6 +15,7 @@
 //! Counts depend only on the multiset of pieces, and ties are broken by ids, so the result
 //! does not depend on threads, chunking or hash order.
 
+use std::cell::RefCell;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::path::{Path, PathBuf};
@@ -22,6 +23,7 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use rustc_hash::{FxHashMap, FxHashSet};
 
+use crate::encoder::{pack_hot, unpack_hot, HOT_LEN};
 use crate::error::{Error, Result};
 use crate::pretokenize::Pretokenizer;
 
@@ -36,6 +38,37 @@ const CHUNK_BYTES: usize = 1 << 20;
 pub enum Utf8Errors {
     Strict,
     Replace,
+}
+
+/// Piece counts of one thread. Pieces of up to 15 bytes (nearly all) are keyed by their
+/// bytes packed in a u128: no key allocation, no pointer to follow and no byte comparison
+/// per lookup, which is where a byte-string map spends its time.
+#[derive(Default)]
+struct Counter {
+    short: FxHashMap<u128, u64>,
+    long: PieceCounts,
+}
+
+impl Counter {
+    fn add_text(&mut self, pretok: &Pretokenizer, text: &str) -> Result<()> {
+        pretok.for_each_piece(text, |p| {
+            let b = p.as_bytes();
+            if b.len() <= HOT_LEN {
+                *self.short.entry(pack_hot(b)).or_insert(0) += 1;
+            } else if let Some(c) = self.long.get_mut(b) {
+                *c += 1;
+            } else {
+                self.long.insert(b.to_vec(), 1);
+            }
+        })
+    }
+
+    fn into_counts(self) -> PieceCounts {
+        let mut out = self.long;
+        out.reserve(self.short.len());
+        out.extend(self.short.into_iter().map(|(k, c)| (unpack_hot(k), c)));
+        out
+    }
 }
 
 fn count_into(pretok: &Pretokenizer, text: &str, counts: &mut PieceCounts) -> Result<()> {
@@ -111,6 +144,10 @@ pub fn read_text(path: &Path, errors: Utf8Errors) -> Result<String> {
 }
 
 /// Counts the pieces of files, each file being one document, reading and splitting in Rust.
+///
+/// Files are memory-mapped one at a time and their chunks counted in parallel into one map
+/// per thread that lives across files, so the maps are merged once at the end instead of
+/// once per file.
 pub fn count_files(
     pretok: &Pretokenizer,
     paths: &[PathBuf],
@@ -122,12 +159,39 @@ pub fn count_files(
             return Err(Error::NotFound(p.clone()));
         }
     }
-    let mut total = PieceCounts::default();
+    let locals: thread_local::ThreadLocal<RefCell<Counter>> = thread_local::ThreadLocal::new();
     for p in paths {
-        let text = read_text(p, errors)?;
-        total = merge_counts(total, count_texts(pretok, &[text])?);
+        let file = crate::corpus::open_text(p, errors)?;
+        chunks(pretok, &file.text)
+            .par_iter()
+            .try_for_each(|t| locals.get_or_default().borrow_mut().add_text(pretok, t))?;
     }
-    Ok(total)
+    let maps: Vec<PieceCounts> = locals
+        .into_iter()
+        .collect::<Vec<_>>()
+        .into_par_iter()
+        .map(|c| c.into_inner().into_counts())
+        .collect();
+    Ok(maps.into_iter().fold(PieceCounts::default(), merge_counts))
+}
+
+/// Adds `d` to a pair's count, noting pairs that grew (they need a fresh heap entry).
+#[inline]
+fn change(counts: &mut FxHashMap<Pair, i64>, grown: &mut Vec<Pair>, q: Pair, d: i64) {
+    *counts.entry(q).or_insert(0) += d;
+    if d > 0 {
+        grown.push(q);
+    }
+}
+
+/// Records that word `wi` holds pair `q` (consecutive duplicates are skipped; older stale
+/// entries are checked when used).
+#[inline]
+fn add_where(where_: &mut FxHashMap<Pair, Vec<u32>>, q: Pair, wi: u32) {
+    let list = where_.entry(q).or_default();
+    if list.last() != Some(&wi) {
+        list.push(wi);
+    }
 }
 
 /// Options of the merge loop.
@@ -138,10 +202,21 @@ pub struct TrainOptions {
     pub max_token_length: Option<usize>,
 }
 
-/// A piece as a sequence of token ids, with its count.
-struct Word {
-    ids: Vec<u32>,
-    count: u64,
+/// Every piece as a sequence of token ids, all in one arena: merging only ever shortens a
+/// word, so each keeps its slot, and the words a merge visits are read from one block of
+/// memory instead of a heap allocation each.
+struct Words {
+    syms: Vec<u32>,
+    start: Vec<u32>,
+    len: Vec<u32>,
+    count: Vec<u64>,
+}
+
+impl Words {
+    fn ids(&self, w: usize) -> &[u32] {
+        let s = self.start[w] as usize;
+        &self.syms[s..s + self.len[w] as usize]
+    }
 }
 
 type Pair = (u32, u32);
@@ -153,23 +228,42 @@ pub fn train(
     opts: &TrainOptions,
     mut progress: impl FnMut(usize),
 ) -> Vec<Pair> {
-    // Sorting makes the word order (and so every internal list) deterministic.
-    let mut entries: Vec<(&Vec<u8>, &u64)> = counts.iter().collect();
-    entries.sort_unstable();
-    let mut words: Vec<Word> = entries
-        .into_iter()
-        .map(|(k, &c)| Word {
-            ids: k.iter().map(|&b| b as u32).collect(),
-            count: c,
+    // Word order does not change the merges (counts are sums, ties go by pair ids), but it
+    // matters for speed: words sorted by their first bytes keep the words a merge touches
+    // close together in memory. A sort on an 8-byte prefix key gets most of that for a
+    // fraction of the cost of sorting the byte strings.
+    let mut entries: Vec<(u64, &Vec<u8>, u64)> = counts
+        .iter()
+        .map(|(k, &c)| {
+            let mut key = [0u8; 8];
+            let n = k.len().min(8);
+            key[..n].copy_from_slice(&k[..n]);
+            (u64::from_be_bytes(key), k, c)
         })
         .collect();
+    entries.par_sort_unstable_by_key(|e| e.0);
+    let total: usize = entries.iter().map(|e| e.1.len()).sum();
+    assert!(total < u32::MAX as usize, "over 4 GiB of distinct pieces");
+    let mut words = Words {
+        syms: Vec::with_capacity(total),
+        start: Vec::with_capacity(entries.len()),
+        len: Vec::with_capacity(entries.len()),
+        count: Vec::with_capacity(entries.len()),
+    };
+    for (_, k, c) in entries {
+        words.start.push(words.syms.len() as u32);
+        words.len.push(k.len() as u32);
+        words.count.push(c);
+        words.syms.extend(k.iter().map(|&b| b as u32));
+    }
 
     let mut pair_counts: FxHashMap<Pair, i64> = FxHashMap::default();
     let mut where_: FxHashMap<Pair, Vec<u32>> = FxHashMap::default();
-    for (wi, w) in words.iter().enumerate() {
-        for p in w.ids.windows(2) {
+    for wi in 0..words.count.len() {
+        let c = words.count[wi] as i64;
+        for p in words.ids(wi).windows(2) {
             let pair = (p[0], p[1]);
-            *pair_counts.entry(pair).or_insert(0) += w.count as i64;
+            *pair_counts.entry(pair).or_insert(0) += c;
             let list = where_.entry(pair).or_default();
             if list.last() != Some(&(wi as u32)) {
                 list.push(wi as u32);
@@ -185,8 +279,8 @@ pub fn train(
     let mut existing: FxHashSet<Vec<u8>> = token_bytes.iter().cloned().collect();
     let mut banned: FxHashSet<Pair> = FxHashSet::default();
     let mut merges: Vec<Pair> = Vec::with_capacity(opts.num_merges);
-    let mut touched_at: Vec<usize> = vec![usize::MAX; words.len()];
-    let mut deltas: FxHashMap<Pair, i64> = FxHashMap::default();
+    let mut touched_at: Vec<usize> = vec![usize::MAX; words.count.len()];
+    let mut grown: Vec<Pair> = Vec::new();
 
     while merges.len() < opts.num_merges {
         // Pop until the top entry is current and allowed.
@@ -224,55 +318,66 @@ pub fn train(
         existing.insert(bytes.clone());
         token_bytes.push(bytes);
 
-        deltas.clear();
+        // Only the pairs around each merge site change; they are updated in place (no
+        // per-word allocation, no rehashing of the word's other pairs).
+        grown.clear();
+        pair_counts.remove(&pair); // greedy left-to-right merging leaves no occurrence
         let occurrences = where_.remove(&pair).unwrap_or_default();
         for &wi in &occurrences {
             if touched_at[wi as usize] == step {
                 continue;
             }
             touched_at[wi as usize] = step;
-            let w = &mut words[wi as usize];
-            if !w.ids.windows(2).any(|p| (p[0], p[1]) == pair) {
-                continue; // stale occurrence
-            }
-            let c = w.count as i64;
-            for p in w.ids.windows(2) {
-                *deltas.entry((p[0], p[1])).or_insert(0) -= c;
-            }
-            let mut merged = Vec::with_capacity(w.ids.len());
-            let mut i = 0;
-            while i < w.ids.len() {
-                if i + 1 < w.ids.len() && (w.ids[i], w.ids[i + 1]) == pair {
-                    merged.push(new_id);
-                    i += 2;
-                } else {
-                    merged.push(w.ids[i]);
-                    i += 1;
-                }
-            }
-            for p in merged.windows(2) {
-                let q = (p[0], p[1]);
-                *deltas.entry(q).or_insert(0) += c;
-                if q.0 == new_id || q.1 == new_id {
-                    let list = where_.entry(q).or_default();
-                    if list.last() != Some(&wi) {
-                        list.push(wi);
+            let c = words.count[wi as usize] as i64;
+            let (s0, n0) = (
+                words.start[wi as usize] as usize,
+                words.len[wi as usize] as usize,
+            );
+            let ids = &mut words.syms[s0..s0 + n0];
+            let (a, b) = pair;
+            let mut read = 0;
+            let mut write = 0;
+            let mut hit = false;
+            while read < ids.len() {
+                if read + 1 < ids.len() && ids[read] == a && ids[read + 1] == b {
+                    hit = true;
+                    if write > 0 {
+                        // The left neighbour (possibly a token made earlier in this word).
+                        let prev = ids[write - 1];
+                        change(&mut pair_counts, &mut grown, (prev, a), -c);
+                        change(&mut pair_counts, &mut grown, (prev, new_id), c);
+                        add_where(&mut where_, (prev, new_id), wi);
                     }
+                    if read + 2 < ids.len() {
+                        let next = ids[read + 2];
+                        change(&mut pair_counts, &mut grown, (b, next), -c);
+                        change(&mut pair_counts, &mut grown, (new_id, next), c);
+                        add_where(&mut where_, (new_id, next), wi);
+                    }
+                    ids[write] = new_id;
+                    read += 2;
+                } else {
+                    ids[write] = ids[read];
+                    read += 1;
                 }
+                write += 1;
             }
-            w.ids = merged;
+            if !hit {
+                continue; // a stale occurrence: the pair left this word earlier
+            }
+            words.len[wi as usize] = write as u32;
         }
-        for (&q, &d) in deltas.iter() {
-            if d == 0 {
-                continue;
-            }
-            let e = pair_counts.entry(q).or_insert(0);
-            *e += d;
-            if *e > 0 && d > 0 {
-                heap.push((*e as u64, Reverse(q)));
-            }
-            if *e == 0 {
-                pair_counts.remove(&q);
+        // The changes above count (prev, a) and (b, next) as lost even when prev or next
+        // is itself a merge site of this step (a pair like (X, a) whose a was merged too);
+        // the gains and losses of such pairs cancel exactly, so the net counts are right.
+        pair_counts.remove(&pair);
+        grown.sort_unstable();
+        grown.dedup();
+        for &q in &grown {
+            if let Some(&cnt) = pair_counts.get(&q) {
+                if cnt > 0 {
+                    heap.push((cnt as u64, Reverse(q)));
+                }
             }
         }
         progress(merges.len());
