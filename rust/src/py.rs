@@ -372,13 +372,7 @@ impl Trainer {
 }
 
 fn merge_into(total: &mut PieceCounts, batch: PieceCounts) {
-    if total.is_empty() {
-        *total = batch;
-        return;
-    }
-    for (k, v) in batch {
-        *total.entry(k).or_insert(0) += v;
-    }
+    total.merge(batch);
 }
 
 fn parse_errors(errors: &str) -> PyResult<Utf8Errors> {

@@ -27,9 +27,6 @@ use crate::encoder::{pack_hot, unpack_hot, HOT_LEN};
 use crate::error::{Error, Result};
 use crate::pretokenize::Pretokenizer;
 
-/// Piece counts. Keys are the UTF-8 bytes of pieces.
-pub type PieceCounts = FxHashMap<Vec<u8>, u64>;
-
 /// Target size of the chunks a large text is cut into for parallel counting.
 const CHUNK_BYTES: usize = 1 << 20;
 
@@ -40,54 +37,76 @@ pub enum Utf8Errors {
     Replace,
 }
 
-/// Piece counts of one thread. Pieces of up to 15 bytes (nearly all) are keyed by their
-/// bytes packed in a u128: no key allocation, no pointer to follow and no byte comparison
-/// per lookup, which is where a byte-string map spends its time.
-#[derive(Default)]
-struct Counter {
+/// Counts of distinct pieces. Pieces of up to 15 bytes (nearly all) are keyed by their bytes
+/// packed in a u128: no key allocation, no pointer to follow and no byte comparison per
+/// lookup (where a map of byte strings spends its time), and a third of the memory.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct PieceCounts {
     short: FxHashMap<u128, u64>,
-    long: PieceCounts,
+    long: FxHashMap<Vec<u8>, u64>,
 }
 
-impl Counter {
-    fn add_text(&mut self, pretok: &Pretokenizer, text: &str) -> Result<()> {
-        pretok.for_each_piece(text, |p| {
-            let b = p.as_bytes();
-            if b.len() <= HOT_LEN {
-                *self.short.entry(pack_hot(b)).or_insert(0) += 1;
-            } else if let Some(c) = self.long.get_mut(b) {
-                *c += 1;
-            } else {
-                self.long.insert(b.to_vec(), 1);
-            }
-        })
-    }
-
-    fn into_counts(self) -> PieceCounts {
-        let mut out = self.long;
-        out.reserve(self.short.len());
-        out.extend(self.short.into_iter().map(|(k, c)| (unpack_hot(k), c)));
-        out
-    }
-}
-
-fn count_into(pretok: &Pretokenizer, text: &str, counts: &mut PieceCounts) -> Result<()> {
-    pretok.for_each_piece(text, |p| {
-        if let Some(c) = counts.get_mut(p.as_bytes()) {
-            *c += 1;
+impl PieceCounts {
+    /// Adds `n` occurrences of `piece`.
+    #[inline]
+    pub fn add(&mut self, piece: &[u8], n: u64) {
+        if piece.len() <= HOT_LEN {
+            *self.short.entry(pack_hot(piece)).or_insert(0) += n;
+        } else if let Some(c) = self.long.get_mut(piece) {
+            *c += n;
         } else {
-            counts.insert(p.as_bytes().to_vec(), 1);
+            self.long.insert(piece.to_vec(), n);
         }
-    })
+    }
+
+    fn add_text(&mut self, pretok: &Pretokenizer, text: &str) -> Result<()> {
+        pretok.for_each_piece(text, |p| self.add(p.as_bytes(), 1))
+    }
+
+    /// Adds all of `other`'s counts (walking the smaller of the two maps).
+    pub fn merge(&mut self, mut other: PieceCounts) {
+        if self.len() < other.len() {
+            std::mem::swap(self, &mut other);
+        }
+        for (k, c) in other.short {
+            *self.short.entry(k).or_insert(0) += c;
+        }
+        for (k, c) in other.long {
+            *self.long.entry(k).or_insert(0) += c;
+        }
+    }
+
+    /// Number of distinct pieces.
+    pub fn len(&self) -> usize {
+        self.short.len() + self.long.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Calls `f(bytes, count)` for every distinct piece, in no particular order.
+    pub fn for_each(&self, mut f: impl FnMut(&[u8], u64)) {
+        for (&k, &c) in &self.short {
+            f(&unpack_hot(k), c);
+        }
+        for (k, &c) in &self.long {
+            f(k, c);
+        }
+    }
+
+    /// The count of one piece (0 if never seen).
+    pub fn get(&self, piece: &[u8]) -> u64 {
+        if piece.len() <= HOT_LEN {
+            self.short.get(&pack_hot(piece)).copied().unwrap_or(0)
+        } else {
+            self.long.get(piece).copied().unwrap_or(0)
+        }
+    }
 }
 
-fn merge_counts(mut a: PieceCounts, mut b: PieceCounts) -> PieceCounts {
-    if a.len() < b.len() {
-        std::mem::swap(&mut a, &mut b);
-    }
-    for (k, v) in b {
-        *a.entry(k).or_insert(0) += v;
-    }
+fn merge_counts(mut a: PieceCounts, b: PieceCounts) -> PieceCounts {
+    a.merge(b);
     a
 }
 
@@ -115,7 +134,7 @@ pub fn count_texts<S: AsRef<str> + Sync>(
     parts
         .par_iter()
         .try_fold(PieceCounts::default, |mut acc, t| {
-            count_into(pretok, t, &mut acc)?;
+            acc.add_text(pretok, t)?;
             Ok(acc)
         })
         .try_reduce(PieceCounts::default, |a, b| Ok(merge_counts(a, b)))
@@ -159,20 +178,17 @@ pub fn count_files(
             return Err(Error::NotFound(p.clone()));
         }
     }
-    let locals: thread_local::ThreadLocal<RefCell<Counter>> = thread_local::ThreadLocal::new();
+    let locals: thread_local::ThreadLocal<RefCell<PieceCounts>> = thread_local::ThreadLocal::new();
     for p in paths {
         let file = crate::corpus::open_text(p, errors)?;
         chunks(pretok, &file.text)
             .par_iter()
             .try_for_each(|t| locals.get_or_default().borrow_mut().add_text(pretok, t))?;
     }
-    let maps: Vec<PieceCounts> = locals
+    Ok(locals
         .into_iter()
-        .collect::<Vec<_>>()
-        .into_par_iter()
-        .map(|c| c.into_inner().into_counts())
-        .collect();
-    Ok(maps.into_iter().fold(PieceCounts::default(), merge_counts))
+        .map(RefCell::into_inner)
+        .fold(PieceCounts::default(), merge_counts))
 }
 
 /// Adds `d` to a pair's count, noting pairs that grew (they need a fresh heap entry).
@@ -232,30 +248,34 @@ pub fn train(
     // matters for speed: words sorted by their first bytes keep the words a merge touches
     // close together in memory. A sort on an 8-byte prefix key gets most of that for a
     // fraction of the cost of sorting the byte strings.
-    let mut entries: Vec<(u64, &Vec<u8>, u64)> = counts
-        .iter()
-        .map(|(k, &c)| {
-            let mut key = [0u8; 8];
-            let n = k.len().min(8);
-            key[..n].copy_from_slice(&k[..n]);
-            (u64::from_be_bytes(key), k, c)
-        })
-        .collect();
+    let mut bytes: Vec<u8> = Vec::new();
+    let mut entries: Vec<(u64, usize, u32, u64)> = Vec::with_capacity(counts.len());
+    counts.for_each(|k, c| {
+        let mut key = [0u8; 8];
+        let n = k.len().min(8);
+        key[..n].copy_from_slice(&k[..n]);
+        entries.push((u64::from_be_bytes(key), bytes.len(), k.len() as u32, c));
+        bytes.extend_from_slice(k);
+    });
+    assert!(
+        bytes.len() < u32::MAX as usize,
+        "over 4 GiB of distinct pieces"
+    );
     entries.par_sort_unstable_by_key(|e| e.0);
-    let total: usize = entries.iter().map(|e| e.1.len()).sum();
-    assert!(total < u32::MAX as usize, "over 4 GiB of distinct pieces");
     let mut words = Words {
-        syms: Vec::with_capacity(total),
+        syms: Vec::with_capacity(bytes.len()),
         start: Vec::with_capacity(entries.len()),
         len: Vec::with_capacity(entries.len()),
         count: Vec::with_capacity(entries.len()),
     };
-    for (_, k, c) in entries {
+    for (_, at, n, c) in entries {
         words.start.push(words.syms.len() as u32);
-        words.len.push(k.len() as u32);
+        words.len.push(n);
         words.count.push(c);
+        let k = &bytes[at..at + n as usize];
         words.syms.extend(k.iter().map(|&b| b as u32));
     }
+    drop(bytes);
 
     let mut pair_counts: FxHashMap<Pair, i64> = FxHashMap::default();
     let mut where_: FxHashMap<Pair, Vec<u32>> = FxHashMap::default();
