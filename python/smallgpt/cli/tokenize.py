@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="special tokens of a trained tokenizer (default <|endoftext|>)")
     p.add_argument("--doc-separator", help="split .txt files into documents on this string "
                    "(escapes like \\n are understood)")
-    p.add_argument("--text-field", default="text", help="JSON field of .jsonl documents / column of .parquet ones")
+    p.add_argument("--text-field", default="text",
+                   help="JSON field of .jsonl documents / column of .parquet ones")
     p.add_argument("--val-fraction", type=float, default=0.005,
                    help="fraction of documents (of characters for one document) for validation")
     p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard")
