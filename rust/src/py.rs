@@ -332,9 +332,11 @@ impl Trainer {
         self.counts.len()
     }
 
+    /// Learns merges from the counts fed so far, which it consumes (their memory is freed
+    /// while the merge structures are built; feed again to train again).
     #[pyo3(signature = (num_merges, min_frequency=2, max_token_length=None, progress=false))]
     fn train(
-        &self,
+        &mut self,
         py: Python<'_>,
         num_merges: usize,
         min_frequency: u64,
@@ -346,8 +348,8 @@ impl Trainer {
             min_frequency,
             max_token_length,
         };
-        let counts = &self.counts;
-        run(py, || {
+        let counts = std::mem::take(&mut self.counts);
+        run(py, move || {
             let bar = if progress {
                 let b = indicatif::ProgressBar::new(num_merges as u64);
                 b.set_style(

@@ -191,23 +191,39 @@ pub fn count_files(
         .fold(PieceCounts::default(), merge_counts))
 }
 
-/// Adds `d` to a pair's count, noting pairs that grew (they need a fresh heap entry).
+/// A pair's weighted count and the words holding it (stale entries allowed: checked when
+/// used). One map for both: one lookup per change, and less memory than two maps.
+#[derive(Default)]
+struct PairInfo {
+    count: i64,
+    words: WordList,
+}
+
+type Pairs = FxHashMap<Pair, PairInfo>;
+
+/// Removes `c` occurrences of a pair. A pair whose count reaches zero occurs nowhere any
+/// more: it leaves the map with its (all stale) word list, which keeps memory flat over a
+/// long training.
 #[inline]
-fn change(counts: &mut FxHashMap<Pair, i64>, grown: &mut Vec<Pair>, q: Pair, d: i64) {
-    *counts.entry(q).or_insert(0) += d;
-    if d > 0 {
-        grown.push(q);
+fn lose(pairs: &mut Pairs, q: Pair, c: i64) {
+    if let Some(e) = pairs.get_mut(&q) {
+        e.count -= c;
+        if e.count == 0 {
+            pairs.remove(&q);
+        }
     }
 }
 
-/// Records that word `wi` holds pair `q` (consecutive duplicates are skipped; older stale
-/// entries are checked when used).
+/// Adds `c` occurrences of a pair in word `wi`, noting that it grew (it needs a fresh heap
+/// entry).
 #[inline]
-fn add_where(where_: &mut FxHashMap<Pair, Vec<u32>>, q: Pair, wi: u32) {
-    let list = where_.entry(q).or_default();
-    if list.last() != Some(&wi) {
-        list.push(wi);
+fn gain(pairs: &mut Pairs, grown: &mut Vec<Pair>, q: Pair, c: i64, wi: u32) {
+    let e = pairs.entry(q).or_default();
+    e.count += c;
+    if e.words.last() != Some(&wi) {
+        e.words.push(wi);
     }
+    grown.push(q);
 }
 
 /// Options of the merge loop.
@@ -237,10 +253,14 @@ impl Words {
 
 type Pair = (u32, u32);
 
+/// The words holding a pair. Most pairs a merge creates occur in one or two words: four
+/// fit inline (the list is as big as a `Vec`), so those need no heap allocation.
+type WordList = smallvec::SmallVec<[u32; 4]>;
+
 /// Learns up to `opts.num_merges` merges from piece counts. `progress` is called after each
 /// merge with the number done so far.
 pub fn train(
-    counts: &PieceCounts,
+    counts: PieceCounts,
     opts: &TrainOptions,
     mut progress: impl FnMut(usize),
 ) -> Vec<Pair> {
@@ -261,6 +281,8 @@ pub fn train(
         bytes.len() < u32::MAX as usize,
         "over 4 GiB of distinct pieces"
     );
+    // The counts are no longer needed: free them before the pair structures are built.
+    drop(counts);
     entries.par_sort_unstable_by_key(|e| e.0);
     let mut words = Words {
         syms: Vec::with_capacity(bytes.len()),
@@ -277,29 +299,35 @@ pub fn train(
     }
     drop(bytes);
 
-    let mut pair_counts: FxHashMap<Pair, i64> = FxHashMap::default();
-    let mut where_: FxHashMap<Pair, Vec<u32>> = FxHashMap::default();
+    let mut pairs: Pairs = FxHashMap::default();
     for wi in 0..words.count.len() {
         let c = words.count[wi] as i64;
         for p in words.ids(wi).windows(2) {
             let pair = (p[0], p[1]);
-            *pair_counts.entry(pair).or_insert(0) += c;
-            let list = where_.entry(pair).or_default();
+            let e = pairs.entry(pair).or_default();
+            e.count += c;
+            let list = &mut e.words;
             if list.last() != Some(&(wi as u32)) {
                 list.push(wi as u32);
             }
         }
     }
-    let mut heap: BinaryHeap<(u64, Reverse<Pair>)> = pair_counts
+    // Pairs below `min_frequency` can never be chosen while they stay there, so they get no
+    // heap entry (most pairs a merge creates occur once); a pair only grows when a merge
+    // creates more of it, and it is pushed then. That keeps the lazy heap several times
+    // smaller.
+    let min_count = opts.min_frequency.max(1);
+    let mut heap: BinaryHeap<(u64, Reverse<Pair>)> = pairs
         .iter()
-        .map(|(&p, &c)| (c as u64, Reverse(p)))
+        .filter(|(_, e)| e.count as u64 >= min_count)
+        .map(|(&p, e)| (e.count as u64, Reverse(p)))
         .collect();
 
     let mut token_bytes: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
     let mut existing: FxHashSet<Vec<u8>> = token_bytes.iter().cloned().collect();
     let mut banned: FxHashSet<Pair> = FxHashSet::default();
     let mut merges: Vec<Pair> = Vec::with_capacity(opts.num_merges);
-    let mut touched_at: Vec<usize> = vec![usize::MAX; words.count.len()];
+    let mut touched_at: Vec<u32> = vec![u32::MAX; words.count.len()];
     let mut grown: Vec<Pair> = Vec::new();
 
     while merges.len() < opts.num_merges {
@@ -311,9 +339,9 @@ pub fn train(
             if banned.contains(&pair) {
                 continue;
             }
-            let cur = pair_counts.get(&pair).copied().unwrap_or(0);
+            let cur = pairs.get(&pair).map_or(0, |e| e.count);
             if cur as u64 != c {
-                if cur > 0 {
+                if cur as u64 >= min_count {
                     heap.push((cur as u64, Reverse(pair)));
                 }
                 continue;
@@ -341,13 +369,13 @@ pub fn train(
         // Only the pairs around each merge site change; they are updated in place (no
         // per-word allocation, no rehashing of the word's other pairs).
         grown.clear();
-        pair_counts.remove(&pair); // greedy left-to-right merging leaves no occurrence
-        let occurrences = where_.remove(&pair).unwrap_or_default();
+        // Greedy left-to-right merging leaves no occurrence of the pair.
+        let occurrences = pairs.remove(&pair).map(|e| e.words).unwrap_or_default();
         for &wi in &occurrences {
-            if touched_at[wi as usize] == step {
+            if touched_at[wi as usize] == step as u32 {
                 continue;
             }
-            touched_at[wi as usize] = step;
+            touched_at[wi as usize] = step as u32;
             let c = words.count[wi as usize] as i64;
             let (s0, n0) = (
                 words.start[wi as usize] as usize,
@@ -364,15 +392,13 @@ pub fn train(
                     if write > 0 {
                         // The left neighbour (possibly a token made earlier in this word).
                         let prev = ids[write - 1];
-                        change(&mut pair_counts, &mut grown, (prev, a), -c);
-                        change(&mut pair_counts, &mut grown, (prev, new_id), c);
-                        add_where(&mut where_, (prev, new_id), wi);
+                        lose(&mut pairs, (prev, a), c);
+                        gain(&mut pairs, &mut grown, (prev, new_id), c, wi);
                     }
                     if read + 2 < ids.len() {
                         let next = ids[read + 2];
-                        change(&mut pair_counts, &mut grown, (b, next), -c);
-                        change(&mut pair_counts, &mut grown, (new_id, next), c);
-                        add_where(&mut where_, (new_id, next), wi);
+                        lose(&mut pairs, (b, next), c);
+                        gain(&mut pairs, &mut grown, (new_id, next), c, wi);
                     }
                     ids[write] = new_id;
                     read += 2;
@@ -390,12 +416,12 @@ pub fn train(
         // The changes above count (prev, a) and (b, next) as lost even when prev or next
         // is itself a merge site of this step (a pair like (X, a) whose a was merged too);
         // the gains and losses of such pairs cancel exactly, so the net counts are right.
-        pair_counts.remove(&pair);
+        pairs.remove(&pair);
         grown.sort_unstable();
         grown.dedup();
         for &q in &grown {
-            if let Some(&cnt) = pair_counts.get(&q) {
-                if cnt > 0 {
+            if let Some(cnt) = pairs.get(&q).map(|e| e.count) {
+                if cnt as u64 >= min_count {
                     heap.push((cnt as u64, Reverse(q)));
                 }
             }
@@ -439,7 +465,7 @@ mod tests {
             min_frequency: 2,
             max_token_length: None,
         };
-        let m = train(&c, &opts, |_| {});
+        let m = train(c.clone(), &opts, |_| {});
         // Pieces "ab", " ab" x2, " cd" x3: (97,98), (32,99) and (99,100) all count 3; the
         // smallest pair wins. Then " c" (256) + d and a + b tie at 3 again.
         assert_eq!(m, vec![(32, 99), (97, 98)]);
@@ -454,7 +480,7 @@ mod tests {
             min_frequency: 1,
             max_token_length: None,
         };
-        let m = train(&c, &opts, |_| {});
+        let m = train(c.clone(), &opts, |_| {});
         assert_eq!(m, vec![(97, 97), (256, 97)]);
     }
 
@@ -467,7 +493,7 @@ mod tests {
             min_frequency: 2,
             max_token_length: None,
         };
-        assert!(train(&c, &opts, |_| {}).is_empty());
+        assert!(train(c.clone(), &opts, |_| {}).is_empty());
     }
 
     #[test]
@@ -480,7 +506,7 @@ mod tests {
             min_frequency: 1,
             max_token_length: None,
         };
-        let m = train(&c, &opts, |_| {});
+        let m = train(c.clone(), &opts, |_| {});
         let tokens = merge_bytes(&m).unwrap();
         let set: FxHashSet<_> = tokens.iter().collect();
         assert_eq!(set.len(), tokens.len());
@@ -502,8 +528,11 @@ mod tests {
             min_frequency: 2,
             max_token_length: Some(6),
         };
-        assert_eq!(train(&one, &opts, |_| {}), train(&serial, &opts, |_| {}));
-        assert!(merge_bytes(&train(&one, &opts, |_| {}))
+        assert_eq!(
+            train(one.clone(), &opts, |_| {}),
+            train(serial.clone(), &opts, |_| {})
+        );
+        assert!(merge_bytes(&train(one.clone(), &opts, |_| {}))
             .unwrap()
             .iter()
             .all(|t| t.len() <= 6));
