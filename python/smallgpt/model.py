@@ -264,6 +264,14 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(y) if self.training and self.dropout > 0 else y
 
 
+def _activate(h: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "relu":
+        return F.relu(h)
+    if kind == "gelu":
+        return F.gelu(h)
+    return F.gelu(h, approximate="tanh")
+
+
 class MLP(nn.Module):
     """Position-wise feed-forward network with 4x expansion."""
 
@@ -275,14 +283,7 @@ class MLP(nn.Module):
         self.activation = config.activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.c_fc(x)
-        if self.activation == "relu":
-            h = F.relu(h)
-        elif self.activation == "gelu":
-            h = F.gelu(h)
-        else:
-            h = F.gelu(h, approximate="tanh")
-        h = self.c_proj(h)
+        h = self.c_proj(_activate(self.c_fc(x), self.activation))
         return self.dropout(h) if self.training and self.dropout.p > 0 else h
 
 
@@ -473,13 +474,7 @@ class GPT(nn.Module):
             )
             x = x + F.linear(y.view(B, 1, C), o_w, o_b)
             h = F.linear(torch.layer_norm(x, (C,), ln2_w, ln2_b, eps), fc_w, fc_b)
-            if cfg.activation == "relu":
-                h = F.relu(h)
-            elif cfg.activation == "gelu":
-                h = F.gelu(h)
-            else:
-                h = F.gelu(h, approximate="tanh")
-            x = x + F.linear(h, p_w, p_b)
+            x = x + F.linear(_activate(h, cfg.activation), p_w, p_b)
         cache.pos = pos + 1
         x = torch.layer_norm(x[:, 0], (C,), plan.lnf_w, plan.lnf_b, eps)
         return F.linear(x, plan.head)

@@ -319,36 +319,6 @@ fn header_bytes(dtype: Dtype, n: i32) -> Vec<u8> {
     header.iter().flat_map(|h| h.to_le_bytes()).collect()
 }
 
-/// Writes one shard file (header + tokens) at `path`.
-pub fn write_shard(path: &Path, tokens: &[Rank], dtype: Dtype) -> Result<()> {
-    let n = i32::try_from(tokens.len())
-        .map_err(|_| Error::Value("a shard holds at most 2^31-1 tokens".into()))?;
-    let file = File::create(path).map_err(|e| Error::io(path, e))?;
-    let mut w = BufWriter::with_capacity(1 << 20, file);
-    let io = |e| Error::io(path, e);
-    w.write_all(&header_bytes(dtype, n)).map_err(io)?;
-    match dtype {
-        Dtype::U16 => {
-            let mut bytes = Vec::with_capacity(tokens.len() * 2);
-            for &t in tokens {
-                bytes.extend_from_slice(&(t as u16).to_le_bytes());
-            }
-            w.write_all(&bytes).map_err(io)?;
-        }
-        Dtype::U32 => {
-            let mut bytes = Vec::with_capacity(tokens.len() * 4);
-            for &t in tokens {
-                bytes.extend_from_slice(&t.to_le_bytes());
-            }
-            w.write_all(&bytes).map_err(io)?;
-        }
-    }
-    w.into_inner()
-        .map_err(|e| Error::io(path, e.into_error()))?
-        .sync_all()
-        .map_err(io)
-}
-
 /// Tokenizes `sources` into shards in `opts.out_dir`. Shards are written as `*.tmp` and only
 /// renamed when everything succeeded; `progress(bytes_done)` is called after each batch and
 /// `interrupted()` is polled between batches and every few milliseconds while waiting for

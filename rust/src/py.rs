@@ -145,15 +145,7 @@ impl CoreTokenizer {
         disallowed: Option<HashSet<String>>,
         num_threads: Option<usize>,
     ) -> PyResult<Vec<Vec<Rank>>> {
-        let pool = pool(num_threads)?;
-        run(py, || {
-            in_pool(&pool, || {
-                texts
-                    .par_iter()
-                    .map(|t| self.enc.encode(t, &allowed, disallowed.as_ref()))
-                    .collect()
-            })
-        })
+        self.encode_many(py, &texts, &allowed, disallowed.as_ref(), num_threads)
     }
 
     /// Like `encode_batch`, but returns all ids as one little-endian uint32 buffer plus
@@ -168,15 +160,7 @@ impl CoreTokenizer {
         disallowed: Option<HashSet<String>>,
         num_threads: Option<usize>,
     ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
-        let pool = pool(num_threads)?;
-        let docs: Vec<Vec<Rank>> = run(py, || {
-            in_pool(&pool, || {
-                texts
-                    .par_iter()
-                    .map(|t| self.enc.encode(t, &allowed, disallowed.as_ref()))
-                    .collect()
-            })
-        })?;
+        let docs = self.encode_many(py, &texts, &allowed, disallowed.as_ref(), num_threads)?;
         let total: usize = docs.iter().map(Vec::len).sum();
         let tokens = PyBytes::new_with(py, total * 4, |buf| {
             for (chunk, &id) in buf.chunks_exact_mut(4).zip(docs.iter().flatten()) {
@@ -369,6 +353,28 @@ impl Trainer {
             });
             bar.finish_and_clear();
             Ok(merges)
+        })
+    }
+}
+
+impl CoreTokenizer {
+    /// Encodes texts in parallel without the GIL (on a pool of `num_threads` if given).
+    fn encode_many(
+        &self,
+        py: Python<'_>,
+        texts: &[String],
+        allowed: &HashSet<String>,
+        disallowed: Option<&HashSet<String>>,
+        num_threads: Option<usize>,
+    ) -> PyResult<Vec<Vec<Rank>>> {
+        let pool = pool(num_threads)?;
+        run(py, || {
+            in_pool(&pool, || {
+                texts
+                    .par_iter()
+                    .map(|t| self.enc.encode(t, allowed, disallowed))
+                    .collect()
+            })
         })
     }
 }
