@@ -14,27 +14,30 @@ use crate::pretokenize::Pretokenizer;
 
 pub type Rank = u32;
 
-/// Pieces longer than this use the heap-based merge, which is O(n log n) instead of O(n^2);
+/// Pieces longer than this use the bucket-queue merge, which is linear instead of O(n^2);
 /// for runs of CJK text the quadratic scan already costs more at a few dozen bytes.
-const LONG_PIECE: usize = 64;
-/// Longest piece kept in each thread's cache of merged pieces.
-const CACHED_PIECE: usize = 32;
-/// Entries of each thread's cache of merged pieces before it is cleared.
-const CACHE_ENTRIES: usize = 1 << 16;
-
+const LONG_PIECE: usize = 255;
 /// log2 of the number of slots in each thread's direct-mapped cache of short pieces.
 const HOT_BITS: u32 = 13;
-
-/// Per-thread memo of pieces that needed merging: natural text repeats the same few
-/// thousand words, and a hash probe is much cheaper than re-running BPE on them.
-type PieceMap = FxHashMap<Box<[u8]>, Box<[Rank]>>;
+/// Entries of the cache of pieces of `HOT_LEN + 1` to `WARM_LEN` bytes before it starts
+/// over: longer words are many and less frequent, so this one is a hash map, not a
+/// direct-mapped table, which lost most of them to collisions.
+const WARM_ENTRIES: usize = if cfg!(test) { 1 << 6 } else { 1 << 16 };
+/// Ids kept for those pieces before the cache starts over.
+const WARM_IDS: usize = if cfg!(test) { 1 << 9 } else { 1 << 20 };
+/// Ids of cached pieces that do not fit in their slot go to a per-thread arena of this
+/// many ids; when it is full it starts over (see [`Scratch::store`]).
+const ARENA_IDS: usize = if cfg!(test) { 1 << 9 } else { 1 << 17 };
 
 /// Pieces of up to this many bytes go through the per-thread direct-mapped cache.
 pub(crate) const HOT_LEN: usize = 15;
-const _: () = assert!(HOT_LEN < CACHED_PIECE && HOT_LEN <= LONG_PIECE);
+/// Longest piece cached: longer ones (runs of CJK text, identifiers) rarely repeat.
+const WARM_LEN: usize = 2 * HOT_LEN + 1;
+const _: () = assert!(WARM_LEN <= LONG_PIECE);
 
 /// One slot of the short-piece cache: a piece of at most `HOT_LEN` bytes (packed, see
-/// [`pack_hot`]; never 0, so 0 marks an empty slot) and its ids, if there are at most three.
+/// [`pack_hot`]; never 0, so 0 marks an empty slot) and its ids: inline if there are at
+/// most three, else `ids = [arena offset, arena generation, _]`.
 #[derive(Clone, Copy, Default)]
 struct HotSlot {
     key: u128,
@@ -42,20 +45,51 @@ struct HotSlot {
     ids: [Rank; 3],
 }
 
-/// Each thread's caches. The short-piece cache is small enough to stay in L2: the full
-/// vocabulary tables are megabytes, and a probe there is a cache miss, while the few
-/// thousand words that make up most of any text keep hitting here.
+/// Each thread's caches of merged pieces. Natural text repeats the same few thousand
+/// words, and a probe here is much cheaper than re-running BPE on them; the tables are
+/// small enough to stay in L2, while the full vocabulary tables are megabytes. Words of
+/// non-Latin scripts are often several tokens (Armenian, Syriac, Gujarati: most pieces are
+/// four or more), hence the arena rather than a fixed number of ids per slot.
 struct Scratch {
     hot: Box<[HotSlot]>,
-    pieces: PieceMap,
+    /// Pieces of `HOT_LEN + 1` to `WARM_LEN` bytes (see [`pack_warm`]) to the offset and
+    /// number of their ids in `warm_ids`; both start over together when either is full.
+    warm: FxHashMap<(u128, u128), (u32, u32)>,
+    warm_ids: Vec<Rank>,
+    arena: Vec<Rank>,
+    /// Bumped whenever the arena starts over, which invalidates every slot pointing into it.
+    generation: u32,
 }
 
 impl Default for Scratch {
     fn default() -> Self {
         Scratch {
             hot: vec![HotSlot::default(); 1 << HOT_BITS].into_boxed_slice(),
-            pieces: PieceMap::default(),
+            warm: FxHashMap::default(),
+            warm_ids: Vec::new(),
+            arena: Vec::with_capacity(ARENA_IDS),
+            generation: 1,
         }
+    }
+}
+
+impl Scratch {
+    /// Copies `ids` into the arena; returns their offset and the generation to record.
+    #[inline]
+    fn store(&mut self, ids: &[Rank]) -> (u32, u32) {
+        if self.arena.len() + ids.len() > ARENA_IDS {
+            self.arena.clear();
+            self.generation = self.generation.wrapping_add(1).max(1);
+        }
+        let offset = self.arena.len() as u32;
+        self.arena.extend_from_slice(ids);
+        (offset, self.generation)
+    }
+
+    /// The `n` ids at `offset`, if they were stored in generation `generation`.
+    #[inline]
+    fn load(&self, offset: u32, n: u32, generation: u32) -> Option<&[Rank]> {
+        (generation == self.generation).then(|| &self.arena[offset as usize..(offset + n) as usize])
     }
 }
 
@@ -78,6 +112,10 @@ pub struct Encoder {
     /// ever join them (every part is a token), so BPE on each side is independent: long
     /// pieces are cut there, which keeps them linear (see `merge`).
     inner_pairs: Box<[u64]>,
+    /// Rank of each three-byte UTF-8 character (`Rank::MAX`: not a token) by code point:
+    /// CJK and Indic text asks about its characters all the time, and an array index
+    /// beats a hash probe.
+    three: Box<[Rank]>,
     /// id of each single byte (identity for trained vocabularies).
     byte_ids: [Rank; 256],
     specials: FxHashMap<String, Rank>,
@@ -97,6 +135,7 @@ impl Clone for Encoder {
             mid: self.mid.clone(),
             two: self.two.clone(),
             inner_pairs: self.inner_pairs.clone(),
+            three: self.three.clone(),
             byte_ids: self.byte_ids,
             specials: self.specials.clone(),
             special_by_id: self.special_by_id.clone(),
@@ -178,6 +217,12 @@ impl Encoder {
                 inner_pairs[i / 64] |= 1 << (i % 64);
             }
         }
+        let mut three = vec![Rank::MAX; 1 << 16].into_boxed_slice();
+        for (k, &v) in ranks.iter() {
+            if let Some(c) = char3(k) {
+                three[c] = v;
+            }
+        }
         let mut two = vec![Rank::MAX; 1 << 16].into_boxed_slice();
         for (k, &v) in ranks.iter().filter(|(k, _)| k.len() == 2) {
             two[(k[0] as usize) << 8 | k[1] as usize] = v;
@@ -194,6 +239,7 @@ impl Encoder {
             mid,
             two,
             inner_pairs,
+            three,
             byte_ids,
             specials: special_map,
             special_by_id,
@@ -234,8 +280,16 @@ impl Encoder {
     pub fn rank(&self, bytes: &[u8]) -> Option<Rank> {
         if bytes.len() == 2 {
             let r = self.two[(bytes[0] as usize) << 8 | bytes[1] as usize];
-            (r != Rank::MAX).then_some(r)
-        } else if bytes.len() <= 7 {
+            return (r != Rank::MAX).then_some(r);
+        }
+        if bytes.len() == 1 {
+            return Some(self.byte_ids[bytes[0] as usize]);
+        }
+        if let Some(c) = char3(bytes) {
+            let r = self.three[c];
+            return (r != Rank::MAX).then_some(r);
+        }
+        if bytes.len() <= 7 {
             self.short.get(&pack(bytes)).copied()
         } else if bytes.len() <= HOT_LEN {
             self.mid.get(&pack_hot(bytes)).copied()
@@ -255,13 +309,20 @@ impl Encoder {
         let n = piece.len();
         if n <= HOT_LEN {
             let key = pack_hot(piece);
-            let slot = &mut scratch.hot[hot_index(key)];
+            let at = hot_index(key);
+            let slot = scratch.hot[at];
             if slot.key == key {
-                // A loop of at most three pushes: `extend_from_slice` calls memcpy.
-                for &id in &slot.ids[..slot.n as usize] {
-                    out.push(id);
+                if slot.n <= 3 {
+                    // A loop of at most three pushes: `extend_from_slice` calls memcpy.
+                    for &id in &slot.ids[..slot.n as usize] {
+                        out.push(id);
+                    }
+                    return;
                 }
-                return;
+                if let Some(ids) = scratch.load(slot.ids[0], slot.n, slot.ids[1]) {
+                    out.extend_from_slice(ids);
+                    return;
+                }
             }
             let start = out.len();
             if let Some(id) = self.rank(piece) {
@@ -272,29 +333,38 @@ impl Encoder {
                 self.merge(piece, out);
             }
             let ids = &out[start..];
+            let mut slot = HotSlot {
+                key,
+                n: ids.len() as u32,
+                ids: [0; 3],
+            };
             if ids.len() <= 3 {
-                slot.key = key;
-                slot.n = ids.len() as u32;
                 slot.ids[..ids.len()].copy_from_slice(ids);
+            } else {
+                let (offset, generation) = scratch.store(ids);
+                slot.ids = [offset, generation, 0];
             }
+            scratch.hot[at] = slot;
         } else if let Some(&id) = self.ranks.get(piece) {
             out.push(id);
-        } else if n > CACHED_PIECE {
-            // Long pieces (runs of CJK text, identifiers) rarely repeat: caching them costs
-            // more than it saves.
+        } else if n > WARM_LEN {
             self.merge(piece, out);
         } else {
-            let cache = &mut scratch.pieces;
-            if let Some(ids) = cache.get(piece) {
-                out.extend_from_slice(ids);
+            let key = pack_warm(piece);
+            if let Some(&(offset, n)) = scratch.warm.get(&key) {
+                out.extend_from_slice(&scratch.warm_ids[offset as usize..(offset + n) as usize]);
                 return;
             }
             let start = out.len();
             self.merge(piece, out);
-            if cache.len() >= CACHE_ENTRIES {
-                cache.clear();
+            let ids = &out[start..];
+            if scratch.warm.len() >= WARM_ENTRIES || scratch.warm_ids.len() + ids.len() > WARM_IDS {
+                scratch.warm.clear();
+                scratch.warm_ids.clear();
             }
-            cache.insert(piece.into(), out[start..].into());
+            let offset = scratch.warm_ids.len() as u32;
+            scratch.warm_ids.extend_from_slice(ids);
+            scratch.warm.insert(key, (offset, ids.len() as u32));
         }
     }
 
@@ -529,6 +599,21 @@ pub(crate) fn unpack_hot(key: u128) -> Vec<u8> {
     }
 }
 
+/// The code point of `b` if it is exactly one three-byte UTF-8 character.
+#[inline]
+fn char3(b: &[u8]) -> Option<usize> {
+    match *b {
+        [l @ 0xE0..=0xEF, c1, c2] if c1 & 0xC0 == 0x80 && c2 & 0xC0 == 0x80 => {
+            let cp =
+                ((l as usize & 0x0F) << 12) | ((c1 as usize & 0x3F) << 6) | (c2 as usize & 0x3F);
+            // Overlong forms (below U+0800) and surrogates are not characters; they never
+            // occur in a piece of valid text but may be tokens, so they keep the hash path.
+            (cp >= 0x800 && !(0xD800..0xE000).contains(&cp)).then_some(cp)
+        }
+        _ => None,
+    }
+}
+
 /// Slot of a packed piece in the per-thread cache (Fibonacci hashing of both halves).
 #[inline]
 fn hot_index(key: u128) -> usize {
@@ -536,49 +621,188 @@ fn hot_index(key: u128) -> usize {
     (h >> (64 - HOT_BITS)) as usize
 }
 
-/// BPE on a piece of 2 to `LONG_PIECE` bytes: O(n^2) in the worst case but with tiny
-/// constants. Calls `emit(rank)` for each final part.
-fn merge_short(rank: impl Fn(&[u8]) -> Option<Rank>, piece: &[u8], mut emit: impl FnMut(Rank)) {
-    let rank_of = |s: usize, e: usize| rank(&piece[s..e]).unwrap_or(Rank::MAX);
-    // bounds[i]..bounds[i+1] is part i; pair_rank[i] is the rank of parts i and i+1 joined.
-    // Fixed arrays on the stack: this runs once per uncached piece, and two heap
-    // allocations per call were a visible share of the time.
-    debug_assert!(piece.len() >= 2 && piece.len() <= LONG_PIECE);
-    let mut bounds = [0u8; LONG_PIECE + 1];
-    let mut pair_rank = [Rank::MAX; LONG_PIECE];
-    let mut parts = piece.len();
-    for (i, b) in bounds.iter_mut().enumerate().take(parts + 1) {
-        *b = i as u8;
+/// A piece of `HOT_LEN + 1` to `WARM_LEN` bytes as its first 16 bytes and the rest packed.
+#[inline]
+fn pack_warm(b: &[u8]) -> (u128, u128) {
+    debug_assert!(b.len() > HOT_LEN && b.len() <= WARM_LEN);
+    let mut lo = [0u8; 16];
+    lo.copy_from_slice(&b[..16]);
+    let rest = &b[16..];
+    let hi = if rest.is_empty() { 0 } else { pack_hot(rest) };
+    (u128::from_le_bytes(lo), hi)
+}
+
+/// BPE on a piece of 2 to `LONG_PIECE` bytes, on the stack. Calls `emit(rank)` for each
+/// final part.
+fn merge_short(rank: impl Fn(&[u8]) -> Option<Rank>, piece: &[u8], emit: impl FnMut(Rank)) {
+    // Arrays sized for the piece: they are initialized on every call, and most pieces are
+    // short.
+    match piece.len() {
+        0..=32 => merge_on_stack::<32, 0>(rank, piece, emit),
+        33..=64 => merge_on_stack::<64, { 3 * 64 }>(rank, piece, emit),
+        _ => merge_on_stack::<LONG_PIECE, { 3 * LONG_PIECE }>(rank, piece, emit),
     }
-    for (i, r) in pair_rank.iter_mut().enumerate().take(parts - 1) {
+}
+
+/// BPE on a piece of 2 to `CAP` bytes (`CAP` < 256). Without a heap (`HEAP == 0`) the
+/// lowest pair is found by a scan, O(n^2) with tiny constants; else the pairs are kept in a
+/// heap of `HEAP` entries, at least `3 * CAP` (the initial pairs and two per merge).
+fn merge_on_stack<const CAP: usize, const HEAP: usize>(
+    rank: impl Fn(&[u8]) -> Option<Rank>,
+    piece: &[u8],
+    mut emit: impl FnMut(Rank),
+) {
+    let n = piece.len();
+    debug_assert!(n >= 2 && n <= CAP && CAP < 256);
+    let rank_of = |s: usize, e: usize| rank(&piece[s..e]).unwrap_or(Rank::MAX);
+    // Indexed by byte position, so that a merge moves nothing (compacting arrays of parts
+    // cost a memmove per merge): `end[s]` is the end of the part starting at `s`, `prev[s]`
+    // the start of the part before it, `pair_rank[s]` the rank of that part joined with the
+    // next (`Rank::MAX` if no token, or if `s` no longer starts a part) and `id[s]` the
+    // part's id once it is a merge. On the stack: this runs once per uncached piece, and
+    // heap allocations per call were a visible share of the time.
+    let mut end = [0u8; CAP];
+    let mut prev = [0u8; CAP];
+    let mut pair_rank = [Rank::MAX; CAP];
+    let mut id = [Rank::MAX; CAP];
+    for i in 0..n {
+        end[i] = i as u8 + 1;
+        prev[i] = i.wrapping_sub(1) as u8;
+    }
+    for (i, r) in pair_rank[..n - 1].iter_mut().enumerate() {
         *r = rank_of(i, i + 2);
     }
-    loop {
-        let mut best = Rank::MAX;
-        let mut at = usize::MAX;
-        for (i, &r) in pair_rank[..parts - 1].iter().enumerate() {
-            if r < best {
-                best = r;
-                at = i;
+    // Longer pieces: candidate pairs as `rank << 8 | position` in a min-heap, whose
+    // smallest key is the lowest rank, leftmost first. Entries go stale when a part changes
+    // and are then skipped: an entry is current iff its rank is still the pair's rank at
+    // its position (equal ranks are equal bytes, so the same span).
+    let use_heap = HEAP > 0;
+    let mut heap = SmallHeap::<HEAP>::new();
+    if use_heap {
+        for (i, &r) in pair_rank[..n - 1].iter().enumerate() {
+            if r != Rank::MAX {
+                heap.push((r as u64) << 8 | i as u64);
             }
         }
+    }
+    loop {
+        let (at, best) = if use_heap {
+            match heap.pop() {
+                Some(key) => ((key & 0xFF) as usize, (key >> 8) as Rank),
+                None => break,
+            }
+        } else {
+            leftmost_min(&pair_rank[..n - 1])
+        };
         if best == Rank::MAX {
             break;
         }
-        bounds.copy_within(at + 2..=parts, at + 1);
-        pair_rank.copy_within(at + 1..parts - 1, at);
-        parts -= 1;
-        let b = |k: usize| bounds[k] as usize;
-        if at + 1 < parts {
-            pair_rank[at] = rank_of(b(at), b(at + 2));
+        if pair_rank[at] != best {
+            continue;
+        }
+        let mid = end[at] as usize;
+        let e = end[mid] as usize;
+        end[at] = e as u8;
+        id[at] = best;
+        pair_rank[mid] = Rank::MAX;
+        pair_rank[at] = if e < n {
+            prev[e] = at as u8;
+            rank_of(at, end[e] as usize)
+        } else {
+            Rank::MAX
+        };
+        if use_heap && pair_rank[at] != Rank::MAX {
+            heap.push((pair_rank[at] as u64) << 8 | at as u64);
         }
         if at > 0 {
-            pair_rank[at - 1] = rank_of(b(at - 1), b(at + 1));
+            let p = prev[at] as usize;
+            pair_rank[p] = rank_of(p, e);
+            if use_heap && pair_rank[p] != Rank::MAX {
+                heap.push((pair_rank[p] as u64) << 8 | p as u64);
+            }
         }
     }
-    for w in bounds[..=parts].windows(2) {
+    let mut s = 0;
+    while s < n {
         // A final part is a single byte or a merged token, so it always has a rank.
-        emit(rank(&piece[w[0] as usize..w[1] as usize]).unwrap_or(Rank::MAX));
+        emit(if id[s] != Rank::MAX {
+            id[s]
+        } else {
+            rank(&piece[s..s + 1]).unwrap_or(Rank::MAX)
+        });
+        s = end[s] as usize;
+    }
+}
+
+/// Position and value of the first smallest rank.
+#[inline]
+fn leftmost_min(ranks: &[Rank]) -> (usize, Rank) {
+    let mut best = Rank::MAX;
+    let mut at = 0;
+    for (i, &r) in ranks.iter().enumerate() {
+        if r < best {
+            best = r;
+            at = i;
+        }
+    }
+    (at, best)
+}
+
+/// A binary min-heap of at most `N` keys on the stack.
+struct SmallHeap<const N: usize> {
+    len: usize,
+    keys: [u64; N],
+}
+
+impl<const N: usize> SmallHeap<N> {
+    #[inline]
+    fn new() -> Self {
+        SmallHeap {
+            len: 0,
+            keys: [0; N],
+        }
+    }
+
+    #[inline]
+    fn push(&mut self, key: u64) {
+        let mut i = self.len;
+        self.len += 1;
+        while i > 0 {
+            let parent = (i - 1) / 2;
+            if self.keys[parent] <= key {
+                break;
+            }
+            self.keys[i] = self.keys[parent];
+            i = parent;
+        }
+        self.keys[i] = key;
+    }
+
+    #[inline]
+    fn pop(&mut self) -> Option<u64> {
+        if self.len == 0 {
+            return None;
+        }
+        let top = self.keys[0];
+        self.len -= 1;
+        let last = self.keys[self.len];
+        let mut i = 0;
+        loop {
+            let mut child = 2 * i + 1;
+            if child >= self.len {
+                break;
+            }
+            if child + 1 < self.len && self.keys[child + 1] < self.keys[child] {
+                child += 1;
+            }
+            if last <= self.keys[child] {
+                break;
+            }
+            self.keys[i] = self.keys[child];
+            i = child;
+        }
+        self.keys[i] = last;
+        Some(top)
     }
 }
 
@@ -787,6 +1011,88 @@ mod tests {
                 e.merge(&s, &mut cut);
                 assert_eq!(cut, want, "len {len} alphabet {alphabet:?} (cut)");
             }
+        }
+    }
+
+    fn xorshift(state: &mut u64) -> u64 {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        *state
+    }
+
+    #[test]
+    fn stack_merges_follow_the_definition_at_every_size() {
+        // The scan (up to 32 bytes) and the two heap sizes, across their boundaries, with
+        // the vocabulary whose merges can create lower-ranked pairs.
+        let e = toy(&[
+            b"bc", b"cd", b"abc", b"ab", b"abcd", b"aa", b"aaa", b"aaaa", b"dab", b"xyz", b"xy",
+        ]);
+        let mut state = 11u64;
+        let lens = (2..=70).chain([127, 128, 200, LONG_PIECE - 1, LONG_PIECE]);
+        for len in lens {
+            for alphabet in [&b"ab"[..], b"abcd", b"a", b"abcdx", b"xyz", b"xyza"] {
+                let s: Vec<u8> = (0..len)
+                    .map(|_| alphabet[(xorshift(&mut state) % alphabet.len() as u64) as usize])
+                    .collect();
+                let mut got = Vec::new();
+                merge_short(|b| e.rank(b), &s, |r| got.push(r));
+                assert_eq!(got, naive(&e, &s), "len {len} alphabet {alphabet:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn three_byte_characters_use_their_table() {
+        // 中 = e4 b8 ad, 文 = e6 96 87; tokens inside, across and of whole characters.
+        let e = toy(&[
+            b"\xb8\xad",
+            b"\xe4\xb8\xad",
+            b"\xad\xe6",
+            b"\xe6\x96",
+            b"\xe6\x96\x87",
+            b"\xe4\xb8\xad\xe6\x96\x87",
+            b"\xe4\xb8",
+        ]);
+        assert_eq!(e.rank("中".as_bytes()), Some(257));
+        assert_eq!(e.rank("文".as_bytes()), Some(260));
+        assert_eq!(e.rank("字".as_bytes()), None);
+        let mut state = 5u64;
+        for len in [1usize, 2, 3, 7, 20, 90, 400] {
+            let s: String = (0..len)
+                .map(|_| ['中', '文', '字'][(xorshift(&mut state) % 3) as usize])
+                .collect();
+            let mut got = Vec::new();
+            e.merge(s.as_bytes(), &mut got);
+            assert_eq!(got, naive(&e, s.as_bytes()), "{s}");
+        }
+    }
+
+    #[test]
+    fn caches_give_what_merging_gives() {
+        // Many distinct words of 2 to 40 bytes, most of several tokens, encoded twice: the
+        // second pass is served by the caches (hot slots with ids inline and in the arena,
+        // the map of longer pieces), which here are small enough to start over many times.
+        let e = toy(&[b"ab", b"cd", b"abcd", b"ba", b"dc", b"bab"]);
+        let mut state = 3u64;
+        let mut text = String::new();
+        for _ in 0..3000 {
+            let len = 2 + (xorshift(&mut state) % 39) as usize;
+            text.push(' ');
+            text.extend(
+                (0..len).map(|_| ['a', 'b', 'c', 'd'][(xorshift(&mut state) % 4) as usize]),
+            );
+        }
+        let pre = Pretokenizer::new("gpt2").unwrap();
+        let mut want = Vec::new();
+        for p in pre.pieces(&text).unwrap() {
+            match e.rank(p.as_bytes()) {
+                Some(id) => want.push(id),
+                None => want.extend(naive(&e, p.as_bytes())),
+            }
+        }
+        for pass in 0..3 {
+            assert_eq!(e.encode_ordinary(&text).unwrap(), want, "pass {pass}");
         }
     }
 

@@ -1,5 +1,6 @@
 //! Thin PyO3 bindings: argument conversion, GIL release, error mapping. No algorithm here.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
@@ -8,7 +9,7 @@ use pyo3::exceptions::{
     PyFileNotFoundError, PyKeyboardInterrupt, PyOSError, PyRuntimeError, PyValueError,
 };
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+use pyo3::types::{PyBytes, PyList, PyString};
 use rayon::prelude::*;
 
 use crate::corpus::{self, Dtype, ShardOptions, Source, SourceKind};
@@ -27,6 +28,68 @@ fn to_py(err: Error) -> PyErr {
         e @ Error::Io { .. } => PyOSError::new_err(e.to_string()),
         Error::Interrupted => PyKeyboardInterrupt::new_err("interrupted"),
         e => PyValueError::new_err(e.to_string()),
+    }
+}
+
+/// The UTF-8 text of a Python `str`, borrowed from the object where the interpreter allows.
+///
+/// `PyUnicode_AsUTF8AndSize` returns the string's own UTF-8 buffer (cached in the object
+/// after the first call; free for ASCII strings). It is in the limited API only from
+/// Python 3.10, so under `abi3-py39` PyO3 instead encodes a fresh copy and copies it again
+/// on every call, a visible cost for short texts. Every CPython 3.x exports the function
+/// with this signature, so it is declared here directly; Windows links abi3 modules against
+/// `python3.dll`, which lacks it before 3.10, so there the copying path stays.
+fn utf8<'a>(s: &'a Bound<'_, PyString>) -> PyResult<Cow<'a, str>> {
+    #[cfg(not(windows))]
+    {
+        extern "C" {
+            fn PyUnicode_AsUTF8AndSize(
+                unicode: *mut pyo3::ffi::PyObject,
+                size: *mut pyo3::ffi::Py_ssize_t,
+            ) -> *const std::os::raw::c_char;
+        }
+        let mut len: pyo3::ffi::Py_ssize_t = 0;
+        // SAFETY: `s` is a live str; the buffer it returns lives as long as the object, which
+        // `'a` borrows, and a str is immutable. NULL (lone surrogates) sets a Python error.
+        unsafe {
+            let ptr = PyUnicode_AsUTF8AndSize(s.as_ptr(), &mut len);
+            if ptr.is_null() {
+                return Err(PyErr::fetch(s.py()));
+            }
+            let bytes = std::slice::from_raw_parts(ptr.cast::<u8>(), len as usize);
+            Ok(Cow::Borrowed(std::str::from_utf8_unchecked(bytes)))
+        }
+    }
+    #[cfg(windows)]
+    {
+        s.to_cow()
+    }
+}
+
+/// The texts of a list of `str`, borrowed as by [`utf8`].
+fn utf8_all<'a>(texts: &'a [Bound<'_, PyString>]) -> PyResult<Vec<Cow<'a, str>>> {
+    texts.iter().map(utf8).collect()
+}
+
+/// A list of Python ints from ids, built directly: PyO3's generic conversion goes through
+/// a trait object per element, which showed in profiles of short calls.
+fn id_list<'py>(py: Python<'py>, ids: &[Rank]) -> PyResult<Bound<'py, PyList>> {
+    // SAFETY: the list is created with `ids.len()` slots, each filled exactly once with a
+    // new reference (which PyList_SetItem steals) before the list is handed to Python.
+    unsafe {
+        let list = pyo3::ffi::PyList_New(ids.len() as pyo3::ffi::Py_ssize_t);
+        if list.is_null() {
+            return Err(PyErr::fetch(py));
+        }
+        let list = Bound::from_owned_ptr(py, list).downcast_into_unchecked::<PyList>();
+        for (i, &id) in ids.iter().enumerate() {
+            let item = pyo3::ffi::PyLong_FromUnsignedLong(id as std::os::raw::c_ulong);
+            if item.is_null() {
+                return Err(PyErr::fetch(py));
+            }
+            pyo3::ffi::PyList_SetItem(list.as_ptr(), i as pyo3::ffi::Py_ssize_t, item);
+        }
+        Ok(list)
     }
 }
 
@@ -121,31 +184,45 @@ impl CoreTokenizer {
         })
     }
 
-    fn encode_ordinary(&self, py: Python<'_>, text: &str) -> PyResult<Vec<Rank>> {
-        run(py, || self.enc.encode_ordinary(text))
+    fn encode_ordinary<'py>(
+        &self,
+        py: Python<'py>,
+        text: &Bound<'py, PyString>,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let text = utf8(text)?;
+        let ids = run(py, || self.enc.encode_ordinary(&text))?;
+        id_list(py, &ids)
     }
 
     #[pyo3(signature = (text, allowed, disallowed=None))]
-    fn encode(
+    fn encode<'py>(
         &self,
-        py: Python<'_>,
-        text: &str,
+        py: Python<'py>,
+        text: &Bound<'py, PyString>,
         allowed: HashSet<String>,
         disallowed: Option<HashSet<String>>,
-    ) -> PyResult<Vec<Rank>> {
-        run(py, || self.enc.encode(text, &allowed, disallowed.as_ref()))
+    ) -> PyResult<Bound<'py, PyList>> {
+        let text = utf8(text)?;
+        let ids = run(py, || self.enc.encode(&text, &allowed, disallowed.as_ref()))?;
+        id_list(py, &ids)
     }
 
     #[pyo3(signature = (texts, allowed, disallowed=None, num_threads=None))]
-    fn encode_batch(
+    fn encode_batch<'py>(
         &self,
-        py: Python<'_>,
-        texts: Vec<String>,
+        py: Python<'py>,
+        texts: Vec<Bound<'py, PyString>>,
         allowed: HashSet<String>,
         disallowed: Option<HashSet<String>>,
         num_threads: Option<usize>,
-    ) -> PyResult<Vec<Vec<Rank>>> {
-        self.encode_many(py, &texts, &allowed, disallowed.as_ref(), num_threads)
+    ) -> PyResult<Bound<'py, PyList>> {
+        let texts = utf8_all(&texts)?;
+        let docs = self.encode_many(py, &texts, &allowed, disallowed.as_ref(), num_threads)?;
+        let lists = docs
+            .iter()
+            .map(|d| id_list(py, d))
+            .collect::<PyResult<Vec<_>>>()?;
+        PyList::new(py, lists)
     }
 
     /// Like `encode_batch`, but returns all ids as one little-endian uint32 buffer plus
@@ -155,11 +232,12 @@ impl CoreTokenizer {
     fn encode_batch_flat<'py>(
         &self,
         py: Python<'py>,
-        texts: Vec<String>,
+        texts: Vec<Bound<'py, PyString>>,
         allowed: HashSet<String>,
         disallowed: Option<HashSet<String>>,
         num_threads: Option<usize>,
     ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
+        let texts = utf8_all(&texts)?;
         let docs = self.encode_many(py, &texts, &allowed, disallowed.as_ref(), num_threads)?;
         let total: usize = docs.iter().map(Vec::len).sum();
         let tokens = PyBytes::new_with(py, total * 4, |buf| {
@@ -362,7 +440,7 @@ impl CoreTokenizer {
     fn encode_many(
         &self,
         py: Python<'_>,
-        texts: &[String],
+        texts: &[Cow<'_, str>],
         allowed: &HashSet<String>,
         disallowed: Option<&HashSet<String>>,
         num_threads: Option<usize>,
