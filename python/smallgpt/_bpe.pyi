@@ -22,6 +22,9 @@ class CoreTokenizer:
     def encode(
         self, text: str, allowed: set[str], disallowed: Optional[set[str]] = None
     ) -> list[int]: ...
+    def encode_flat(
+        self, text: str, allowed: set[str], disallowed: Optional[set[str]] = None
+    ) -> bytes: ...
     def encode_batch(
         self,
         texts: Sequence[str],

@@ -266,12 +266,13 @@ class Tokenizer:
         disallowed_special: SpecialSet = "all",
     ) -> Any:
         """``encode`` returning a read-only uint32 numpy array (as tiktoken's)."""
+        import numpy as np
+
         if not isinstance(text, str):
             raise TypeError(f"text must be str, got {type(text).__name__}")
-        ids, _ = self.encode_batch_to_numpy(
-            [text], allowed_special=allowed_special, disallowed_special=disallowed_special
-        )
-        return ids
+        allowed, disallowed = self._special_sets(allowed_special, disallowed_special)
+        ids = self._core.encode_flat(text, allowed, disallowed or None)
+        return np.frombuffer(ids, dtype="<u4")
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """The bytes of a sequence of ids. Raises ``ValueError`` on an unknown id."""

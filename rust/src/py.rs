@@ -9,6 +9,7 @@ use pyo3::exceptions::{
     PyFileNotFoundError, PyKeyboardInterrupt, PyOSError, PyRuntimeError, PyValueError,
 };
 use pyo3::prelude::*;
+use pyo3::sync::GILOnceCell;
 use pyo3::types::{PyBytes, PyList, PyString};
 use rayon::prelude::*;
 
@@ -71,28 +72,6 @@ fn utf8_all<'a>(texts: &'a [Bound<'_, PyString>]) -> PyResult<Vec<Cow<'a, str>>>
     texts.iter().map(utf8).collect()
 }
 
-/// A list of Python ints from ids, built directly: PyO3's generic conversion goes through
-/// a trait object per element, which showed in profiles of short calls.
-fn id_list<'py>(py: Python<'py>, ids: &[Rank]) -> PyResult<Bound<'py, PyList>> {
-    // SAFETY: the list is created with `ids.len()` slots, each filled exactly once with a
-    // new reference (which PyList_SetItem steals) before the list is handed to Python.
-    unsafe {
-        let list = pyo3::ffi::PyList_New(ids.len() as pyo3::ffi::Py_ssize_t);
-        if list.is_null() {
-            return Err(PyErr::fetch(py));
-        }
-        let list = Bound::from_owned_ptr(py, list).downcast_into_unchecked::<PyList>();
-        for (i, &id) in ids.iter().enumerate() {
-            let item = pyo3::ffi::PyLong_FromUnsignedLong(id as std::os::raw::c_ulong);
-            if item.is_null() {
-                return Err(PyErr::fetch(py));
-            }
-            pyo3::ffi::PyList_SetItem(list.as_ptr(), i as pyo3::ffi::Py_ssize_t, item);
-        }
-        Ok(list)
-    }
-}
-
 /// Runs `f` without the GIL; a Rust panic becomes a RuntimeError instead of crossing into
 /// Python as a PanicException.
 fn run<T: Send>(py: Python<'_>, f: impl FnOnce() -> crate::Result<T> + Send) -> PyResult<T> {
@@ -126,6 +105,10 @@ struct CoreTokenizer {
     enc: Encoder,
     /// Merges as recorded by training (None for loaded vocabularies: derived on demand).
     merges: Option<Vec<(Rank, Rank)>>,
+    /// A Python int for every ordinary id, made on the first call that returns lists.
+    /// Making (and later freeing) one int object per token was most of the cost of a call
+    /// returning a list; sharing them costs ~40 bytes per vocabulary entry, once.
+    ints: GILOnceCell<Vec<PyObject>>,
 }
 
 #[pymethods]
@@ -163,6 +146,7 @@ impl CoreTokenizer {
             Ok(CoreTokenizer {
                 enc,
                 merges: Some(merges),
+                ints: GILOnceCell::new(),
             })
         })
     }
@@ -180,6 +164,7 @@ impl CoreTokenizer {
             Ok(CoreTokenizer {
                 enc: Encoder::new(tokens, special_tokens, pretok)?,
                 merges: None,
+                ints: GILOnceCell::new(),
             })
         })
     }
@@ -191,7 +176,7 @@ impl CoreTokenizer {
     ) -> PyResult<Bound<'py, PyList>> {
         let text = utf8(text)?;
         let ids = run(py, || self.enc.encode_ordinary(&text))?;
-        id_list(py, &ids)
+        self.id_list(py, &ids)
     }
 
     #[pyo3(signature = (text, allowed, disallowed=None))]
@@ -204,7 +189,26 @@ impl CoreTokenizer {
     ) -> PyResult<Bound<'py, PyList>> {
         let text = utf8(text)?;
         let ids = run(py, || self.enc.encode(&text, &allowed, disallowed.as_ref()))?;
-        id_list(py, &ids)
+        self.id_list(py, &ids)
+    }
+
+    /// `encode` as one little-endian uint32 buffer (for `encode_to_numpy`).
+    #[pyo3(signature = (text, allowed, disallowed=None))]
+    fn encode_flat<'py>(
+        &self,
+        py: Python<'py>,
+        text: &Bound<'py, PyString>,
+        allowed: HashSet<String>,
+        disallowed: Option<HashSet<String>>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let text = utf8(text)?;
+        let ids = run(py, || self.enc.encode(&text, &allowed, disallowed.as_ref()))?;
+        PyBytes::new_with(py, ids.len() * 4, |buf| {
+            for (chunk, id) in buf.chunks_exact_mut(4).zip(ids) {
+                chunk.copy_from_slice(&id.to_le_bytes());
+            }
+            Ok(())
+        })
     }
 
     #[pyo3(signature = (texts, allowed, disallowed=None, num_threads=None))]
@@ -220,7 +224,7 @@ impl CoreTokenizer {
         let docs = self.encode_many(py, &texts, &allowed, disallowed.as_ref(), num_threads)?;
         let lists = docs
             .iter()
-            .map(|d| id_list(py, d))
+            .map(|d| self.id_list(py, d))
             .collect::<PyResult<Vec<_>>>()?;
         PyList::new(py, lists)
     }
@@ -332,7 +336,8 @@ impl Trainer {
     }
 
     /// Counts the pieces of a batch of documents (in parallel, without the GIL).
-    fn feed(&mut self, py: Python<'_>, texts: Vec<String>) -> PyResult<()> {
+    fn feed(&mut self, py: Python<'_>, texts: Vec<Bound<'_, PyString>>) -> PyResult<()> {
+        let texts = utf8_all(&texts)?;
         let (pretok, pool) = (&self.pretok, &self.pool);
         let batch = run(py, || {
             in_pool(pool, || trainer::count_texts(pretok, &texts))
@@ -436,6 +441,38 @@ impl Trainer {
 }
 
 impl CoreTokenizer {
+    /// A list of Python ints from ids, built directly from the shared int objects (PyO3's
+    /// generic conversion makes a new object per element through a trait object).
+    fn id_list<'py>(&self, py: Python<'py>, ids: &[Rank]) -> PyResult<Bound<'py, PyList>> {
+        let ints = self.ints.get_or_try_init(py, || {
+            (0..self.enc.n_tokens() as u64)
+                .map(|i| Ok(i.into_pyobject(py)?.into_any().unbind()))
+                .collect::<PyResult<Vec<_>>>()
+        })?;
+        // SAFETY: the list is created with `ids.len()` slots, each filled exactly once with a
+        // new reference (which PyList_SetItem steals) before the list is handed to Python; a
+        // list with unfilled (NULL) slots is freed correctly on the error path.
+        unsafe {
+            let list = pyo3::ffi::PyList_New(ids.len() as pyo3::ffi::Py_ssize_t);
+            if list.is_null() {
+                return Err(PyErr::fetch(py));
+            }
+            let list = Bound::from_owned_ptr(py, list).downcast_into_unchecked::<PyList>();
+            for (i, &id) in ids.iter().enumerate() {
+                let item = match ints.get(id as usize) {
+                    Some(int) => int.clone_ref(py).into_ptr(),
+                    // Special tokens.
+                    None => pyo3::ffi::PyLong_FromUnsignedLong(id as std::os::raw::c_ulong),
+                };
+                if item.is_null() {
+                    return Err(PyErr::fetch(py));
+                }
+                pyo3::ffi::PyList_SetItem(list.as_ptr(), i as pyo3::ffi::Py_ssize_t, item);
+            }
+            Ok(list)
+        }
+    }
+
     /// Encodes texts in parallel without the GIL (on a pool of `num_threads` if given).
     fn encode_many(
         &self,
