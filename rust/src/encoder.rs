@@ -420,14 +420,25 @@ impl Encoder {
         allowed: &HashSet<String>,
         disallowed: Option<&HashSet<String>>,
     ) -> Result<Vec<Rank>> {
+        let mut out = Vec::with_capacity(text.len() / 4 + 1);
+        self.encode_into(text, allowed, disallowed, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Encoder::encode`], appending to `out` (on error `out` may hold part of the ids).
+    pub fn encode_into(
+        &self,
+        text: &str,
+        allowed: &HashSet<String>,
+        disallowed: Option<&HashSet<String>>,
+        out: &mut Vec<Rank>,
+    ) -> Result<()> {
         if let Some(dis) = disallowed {
             self.check_disallowed(text, dis)?;
         }
-        let mut out = Vec::with_capacity(text.len() / 4 + 1);
         let Some(special_regex) = self.special_regex.as_ref().filter(|_| !allowed.is_empty())
         else {
-            self.encode_ordinary_into(text, &mut out)?;
-            return Ok(out);
+            return self.encode_ordinary_into(text, out);
         };
         let mut start = 0;
         loop {
@@ -443,13 +454,13 @@ impl Encoder {
                 find_from = m.start() + text[m.start()..].chars().next().map_or(1, char::len_utf8);
             }
             let end = next.map_or(text.len(), |m| m.start());
-            self.encode_ordinary_into(&text[start..end], &mut out)?;
+            self.encode_ordinary_into(&text[start..end], out)?;
             match next {
                 Some(m) => {
                     out.push(self.specials[m.as_str()]);
                     start = m.end();
                 }
-                None => return Ok(out),
+                None => return Ok(()),
             }
         }
     }

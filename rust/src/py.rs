@@ -221,11 +221,15 @@ impl CoreTokenizer {
         num_threads: Option<usize>,
     ) -> PyResult<Bound<'py, PyList>> {
         let texts = utf8_all(&texts)?;
-        let docs = self.encode_many(py, &texts, &allowed, disallowed.as_ref(), num_threads)?;
-        let lists = docs
-            .iter()
-            .map(|d| self.id_list(py, d))
-            .collect::<PyResult<Vec<_>>>()?;
+        let runs = self.encode_runs(py, &texts, &allowed, disallowed.as_ref(), num_threads)?;
+        let mut lists = Vec::with_capacity(texts.len());
+        for (ids, lens) in &runs {
+            let mut at = 0;
+            for &len in lens {
+                lists.push(self.id_list(py, &ids[at..at + len])?);
+                at += len;
+            }
+        }
         PyList::new(py, lists)
     }
 
@@ -242,22 +246,22 @@ impl CoreTokenizer {
         num_threads: Option<usize>,
     ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
         let texts = utf8_all(&texts)?;
-        let docs = self.encode_many(py, &texts, &allowed, disallowed.as_ref(), num_threads)?;
-        let total: usize = docs.iter().map(Vec::len).sum();
+        let runs = self.encode_runs(py, &texts, &allowed, disallowed.as_ref(), num_threads)?;
+        let total: usize = runs.iter().map(|(ids, _)| ids.len()).sum();
         let tokens = PyBytes::new_with(py, total * 4, |buf| {
-            for (chunk, &id) in buf.chunks_exact_mut(4).zip(docs.iter().flatten()) {
+            let ids = runs.iter().flat_map(|(ids, _)| ids);
+            for (chunk, &id) in buf.chunks_exact_mut(4).zip(ids) {
                 chunk.copy_from_slice(&id.to_le_bytes());
             }
             Ok(())
         })?;
-        let offsets = PyBytes::new_with(py, (docs.len() + 1) * 8, |buf| {
+        let offsets = PyBytes::new_with(py, (texts.len() + 1) * 8, |buf| {
+            let lens =
+                std::iter::once(0).chain(runs.iter().flat_map(|(_, lens)| lens.iter().copied()));
             let mut at = 0i64;
-            let mut chunks = buf.chunks_exact_mut(8);
-            for d in std::iter::once(&Vec::new()).chain(docs.iter()) {
-                at += d.len() as i64;
-                if let Some(c) = chunks.next() {
-                    c.copy_from_slice(&at.to_le_bytes());
-                }
+            for (chunk, len) in buf.chunks_exact_mut(8).zip(lens) {
+                at += len as i64;
+                chunk.copy_from_slice(&at.to_le_bytes());
             }
             Ok(())
         })?;
@@ -474,20 +478,36 @@ impl CoreTokenizer {
     }
 
     /// Encodes texts in parallel without the GIL (on a pool of `num_threads` if given).
-    fn encode_many(
+    /// Texts go to the threads in runs, each run's ids back to back in one buffer with the
+    /// length of each text: a vector per text cost an allocation and a copy per text, which
+    /// on batches of short lines was a third of the time.
+    fn encode_runs(
         &self,
         py: Python<'_>,
         texts: &[Cow<'_, str>],
         allowed: &HashSet<String>,
         disallowed: Option<&HashSet<String>>,
         num_threads: Option<usize>,
-    ) -> PyResult<Vec<Vec<Rank>>> {
+    ) -> PyResult<Vec<(Vec<Rank>, Vec<usize>)>> {
         let pool = pool(num_threads)?;
         run(py, || {
             in_pool(&pool, || {
+                let run_len = texts
+                    .len()
+                    .div_ceil(16 * rayon::current_num_threads())
+                    .max(1);
                 texts
-                    .par_iter()
-                    .map(|t| self.enc.encode(t, allowed, disallowed))
+                    .par_chunks(run_len)
+                    .map(|run| {
+                        let mut ids = Vec::new();
+                        let mut lens = Vec::with_capacity(run.len());
+                        for t in run {
+                            let start = ids.len();
+                            self.enc.encode_into(t, allowed, disallowed, &mut ids)?;
+                            lens.push(ids.len() - start);
+                        }
+                        Ok((ids, lens))
+                    })
                     .collect()
             })
         })
