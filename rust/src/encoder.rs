@@ -31,6 +31,8 @@ const ARENA_IDS: usize = if cfg!(test) { 1 << 9 } else { 1 << 17 };
 
 /// Pieces of up to this many bytes go through the per-thread direct-mapped cache.
 pub(crate) const HOT_LEN: usize = 15;
+/// Longest token accepted: the long-piece merge keeps part lengths in 16 bits.
+pub const MAX_TOKEN_LEN: usize = u16::MAX as usize;
 /// Longest piece cached: longer ones (runs of CJK text, identifiers) rarely repeat.
 const WARM_LEN: usize = 2 * HOT_LEN + 1;
 const _: () = assert!(WARM_LEN <= LONG_PIECE);
@@ -173,6 +175,12 @@ impl Encoder {
         for (id, t) in tokens.iter().enumerate() {
             if t.is_empty() {
                 return Err(Error::InvalidVocab(format!("token {id} is empty")));
+            }
+            if t.len() > MAX_TOKEN_LEN {
+                return Err(Error::InvalidVocab(format!(
+                    "token {id} is {} bytes long; at most {MAX_TOKEN_LEN} are supported",
+                    t.len()
+                )));
             }
             if let Some(prev) = ranks.insert(t.clone(), id as Rank) {
                 return Err(Error::InvalidVocab(format!(
@@ -837,9 +845,12 @@ fn merge_long(rank: impl Fn(&[u8]) -> Option<Rank>, piece: &[u8], mut emit: impl
     let n = piece.len();
     debug_assert!(n < u32::MAX as usize);
     let rank_of = |s: usize, e: usize| rank(&piece[s..e]).unwrap_or(Rank::MAX);
-    // end[s]: end of the part starting at s; prev[s]: start of the part before it.
-    let mut end: Vec<u32> = (1..=n as u32).collect();
-    let mut prev: Vec<u32> = (0..n as u32).map(|i| i.wrapping_sub(1)).collect();
+    // len[s]: length of the part starting at s; before[s]: length of the part before it.
+    // Lengths, not positions, because a part is a token (or a byte), and tokens are short:
+    // two bytes per array instead of four mean less memory to fault in and stream through
+    // on multi-megabyte pieces, whose time otherwise grew faster than their size.
+    let mut len: Vec<u16> = vec![1; n];
+    let mut before: Vec<u16> = vec![1; n];
     let mut pair_rank: Vec<Rank> = (0..n)
         .map(|i| {
             if i + 1 < n {
@@ -849,29 +860,13 @@ fn merge_long(rank: impl Fn(&[u8]) -> Option<Rank>, piece: &[u8], mut emit: impl
             }
         })
         .collect();
-    let mut buckets: FxHashMap<Rank, Vec<u32>> = FxHashMap::default();
-    let mut queue: BinaryHeap<Reverse<Rank>> = BinaryHeap::new();
-    let enqueue = |buckets: &mut FxHashMap<Rank, Vec<u32>>,
-                   queue: &mut BinaryHeap<Reverse<Rank>>,
-                   r: Rank,
-                   s: usize| {
-        buckets
-            .entry(r)
-            .or_insert_with(|| {
-                queue.push(Reverse(r));
-                Vec::new()
-            })
-            .push(s as u32);
-    };
+    let mut buckets = Buckets::default();
     for (s, &r) in pair_rank.iter().enumerate() {
         if r != Rank::MAX {
-            enqueue(&mut buckets, &mut queue, r, s);
+            buckets.push(r, s);
         }
     }
-    while let Some(Reverse(r)) = queue.pop() {
-        let Some(mut list) = buckets.remove(&r) else {
-            continue;
-        };
+    while let Some((r, mut list)) = buckets.pop() {
         sort_positions(&mut list);
         let mut k = 0;
         while k < list.len() {
@@ -881,35 +876,35 @@ fn merge_long(rank: impl Fn(&[u8]) -> Option<Rank>, piece: &[u8], mut emit: impl
                 continue; // stale: the part or its neighbour changed
             }
             // Join the part at s with the next one.
-            let mid = end[s] as usize;
-            let e = end[mid] as usize;
-            end[s] = e as u32;
+            let mid = s + len[s] as usize;
+            let e = mid + len[mid] as usize;
+            len[s] = (e - s) as u16;
             pair_rank[mid] = Rank::MAX;
             if e < n {
-                prev[e] = s as u32;
+                before[e] = len[s];
             }
             let mut lower = false;
             pair_rank[s] = if e < n {
-                rank_of(s, end[e] as usize)
+                rank_of(s, e + len[e] as usize)
             } else {
                 Rank::MAX
             };
             if pair_rank[s] != Rank::MAX {
                 lower |= pair_rank[s] < r;
-                enqueue(&mut buckets, &mut queue, pair_rank[s], s);
+                buckets.push(pair_rank[s], s);
             }
             if s > 0 {
-                let p = prev[s] as usize;
+                let p = s - before[s] as usize;
                 pair_rank[p] = rank_of(p, e);
                 if pair_rank[p] != Rank::MAX {
                     lower |= pair_rank[p] < r;
-                    enqueue(&mut buckets, &mut queue, pair_rank[p], p);
+                    buckets.push(pair_rank[p], p);
                 }
             }
             if lower {
                 // A lower rank must go first: requeue what is left of this one.
                 for &s in &list[k..] {
-                    enqueue(&mut buckets, &mut queue, r, s as usize);
+                    buckets.push(r, s as usize);
                 }
                 break;
             }
@@ -917,9 +912,69 @@ fn merge_long(rank: impl Fn(&[u8]) -> Option<Rank>, piece: &[u8], mut emit: impl
     }
     let mut s = 0;
     while s < n {
-        let e = end[s] as usize;
+        let e = s + len[s] as usize;
         emit(rank(&piece[s..e]).unwrap_or(Rank::MAX));
         s = e;
+    }
+}
+
+/// The positions of [`merge_long`] grouped by rank, taken lowest rank first.
+struct Buckets {
+    lists: Vec<Vec<u32>>,
+    /// Rank -> index in `lists` of the ranks still queued.
+    index: FxHashMap<Rank, usize>,
+    queue: BinaryHeap<Reverse<Rank>>,
+    /// The two ranks pushed to last, with their indices: a merge sweep pushes to the same
+    /// one or two ranks over and over, and this skips the hash lookup for them.
+    recent: [(Rank, usize); 2],
+}
+
+impl Default for Buckets {
+    fn default() -> Self {
+        Buckets {
+            lists: Vec::new(),
+            index: FxHashMap::default(),
+            queue: BinaryHeap::new(),
+            recent: [(Rank::MAX, 0); 2],
+        }
+    }
+}
+
+impl Buckets {
+    #[inline]
+    fn push(&mut self, r: Rank, s: usize) {
+        debug_assert!(r != Rank::MAX);
+        let i = if self.recent[0].0 == r {
+            self.recent[0].1
+        } else if self.recent[1].0 == r {
+            self.recent.swap(0, 1);
+            self.recent[0].1
+        } else {
+            let i = match self.index.get(&r) {
+                Some(&i) => i,
+                None => {
+                    self.lists.push(Vec::new());
+                    self.queue.push(Reverse(r));
+                    self.index.insert(r, self.lists.len() - 1);
+                    self.lists.len() - 1
+                }
+            };
+            self.recent = [(r, i), self.recent[0]];
+            i
+        };
+        self.lists[i].push(s as u32);
+    }
+
+    /// The lowest queued rank and its positions.
+    fn pop(&mut self) -> Option<(Rank, Vec<u32>)> {
+        let Reverse(r) = self.queue.pop()?;
+        let i = self.index.remove(&r)?;
+        for slot in &mut self.recent {
+            if slot.0 == r {
+                *slot = (Rank::MAX, 0);
+            }
+        }
+        Some((r, std::mem::take(&mut self.lists[i])))
     }
 }
 
