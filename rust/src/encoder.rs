@@ -413,7 +413,8 @@ impl Encoder {
         Ok(out)
     }
 
-    fn encode_ordinary_into(&self, text: &str, out: &mut Vec<Rank>) -> Result<()> {
+    /// [`Encoder::encode_ordinary`], appending to `out`.
+    pub fn encode_ordinary_into(&self, text: &str, out: &mut Vec<Rank>) -> Result<()> {
         let mut scratch = self.cache.get_or_default().borrow_mut();
         self.pretokenizer.for_each_piece(text, |p| {
             self.encode_piece_with(p.as_bytes(), &mut scratch, out)
@@ -1232,6 +1233,14 @@ mod tests {
             e.decode_bytes(&[9999]),
             Err(Error::UnknownId(9999))
         ));
+    }
+
+    #[test]
+    fn overlong_tokens_rejected() {
+        let mut tokens: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
+        tokens.push(vec![b'a'; MAX_TOKEN_LEN + 1]);
+        let err = Encoder::new(tokens, vec![], Pretokenizer::new("gpt2").unwrap()).unwrap_err();
+        assert!(matches!(err, Error::InvalidVocab(_)), "{err}");
     }
 
     #[test]

@@ -72,6 +72,25 @@ fn utf8_all<'a>(texts: &'a [Bound<'_, PyString>]) -> PyResult<Vec<Cow<'a, str>>>
     texts.iter().map(utf8).collect()
 }
 
+thread_local! {
+    /// Each thread's buffer for the ids of one text, reused from call to call: allocating
+    /// (and growing) a vector per call showed on short texts.
+    static IDS: std::cell::Cell<Vec<Rank>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's empty id buffer; `f` hands the buffer back with its result
+/// (a buffer lost to an error is simply allocated again next time).
+fn with_buffer<T>(f: impl FnOnce(Vec<Rank>) -> PyResult<(T, Vec<Rank>)>) -> PyResult<T> {
+    let mut ids = IDS.take();
+    ids.clear();
+    let (out, ids) = f(ids)?;
+    // Keep at most 1M ids (4 MB) between calls.
+    if ids.capacity() <= 1 << 20 {
+        IDS.set(ids);
+    }
+    Ok(out)
+}
+
 /// Runs `f` without the GIL; a Rust panic becomes a RuntimeError instead of crossing into
 /// Python as a PanicException.
 fn run<T: Send>(py: Python<'_>, f: impl FnOnce() -> crate::Result<T> + Send) -> PyResult<T> {
@@ -175,8 +194,12 @@ impl CoreTokenizer {
         text: &Bound<'py, PyString>,
     ) -> PyResult<Bound<'py, PyList>> {
         let text = utf8(text)?;
-        let ids = run(py, || self.enc.encode_ordinary(&text))?;
-        self.id_list(py, &ids)
+        with_buffer(|mut ids| {
+            ids = run(py, || {
+                self.enc.encode_ordinary_into(&text, &mut ids).map(|_| ids)
+            })?;
+            Ok((self.id_list(py, &ids)?, ids))
+        })
     }
 
     #[pyo3(signature = (text, allowed, disallowed=None))]
@@ -188,8 +211,15 @@ impl CoreTokenizer {
         disallowed: Option<HashSet<String>>,
     ) -> PyResult<Bound<'py, PyList>> {
         let text = utf8(text)?;
-        let ids = run(py, || self.enc.encode(&text, &allowed, disallowed.as_ref()))?;
-        self.id_list(py, &ids)
+        let disallowed = disallowed.as_ref();
+        with_buffer(|mut ids| {
+            ids = run(py, || {
+                self.enc
+                    .encode_into(&text, &allowed, disallowed, &mut ids)
+                    .map(|_| ids)
+            })?;
+            Ok((self.id_list(py, &ids)?, ids))
+        })
     }
 
     /// `encode` as one little-endian uint32 buffer (for `encode_to_numpy`).
