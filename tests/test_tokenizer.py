@@ -287,3 +287,32 @@ def test_from_gpt2_rejects_characters_outside_the_byte_alphabet(tmp_path, gpt2_f
     bad_json.write_text(json.dumps(enc), encoding="utf-8")
     with pytest.raises(ValueError, match="not a byte-level BPE file"):
         Tokenizer.from_gpt2(bad_json, vocab_bpe)
+
+
+def test_lone_surrogates_are_a_clear_error_everywhere(gpt2):
+    bad = "ok \ud800 no"
+    calls = [
+        lambda: gpt2.encode(bad),
+        lambda: gpt2.encode_ordinary(bad),
+        lambda: gpt2.encode_to_numpy(bad),
+        lambda: gpt2.encode_batch(["fine", bad]),
+        lambda: gpt2.encode_ordinary_batch([bad]),
+        lambda: gpt2.encode_batch_to_numpy(["fine", bad]),
+    ]
+    for call in calls:
+        with pytest.raises(UnicodeEncodeError):
+            call()
+    assert gpt2.encode("ok") == gpt2.encode_ordinary("ok")  # still usable afterwards
+
+
+def test_returned_lists_are_independent(gpt2):
+    # The int objects are shared between calls; the lists must not be.
+    text = "caf\u00e9 \U0001f600 the the"
+    a = gpt2.encode_ordinary(text)
+    b = gpt2.encode_ordinary(text)
+    assert a == b and a is not b
+    a.append(-1)
+    a[0] = 12345
+    assert gpt2.encode_ordinary(text) == b
+    batch = gpt2.encode_batch([text, text])
+    assert batch[0] == batch[1] == b and batch[0] is not batch[1]
