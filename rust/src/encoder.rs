@@ -850,18 +850,24 @@ fn merge_long(rank: impl Fn(&[u8]) -> Option<Rank>, piece: &[u8], mut emit: impl
     // Lengths, not positions, because a part is a token (or a byte), and tokens are short:
     // two bytes per array instead of four mean less memory to fault in and stream through
     // on multi-megabyte pieces, whose time otherwise grew faster than their size.
-    let mut len: Vec<u16> = vec![1; n];
-    let mut before: Vec<u16> = vec![1; n];
-    let mut pair_rank: Vec<Rank> = (0..n)
-        .map(|i| {
-            if i + 1 < n {
-                rank_of(i, i + 2)
-            } else {
-                Rank::MAX
-            }
-        })
-        .collect();
-    let mut buckets = Buckets::default();
+    let mut kept = LONG_SCRATCH.take();
+    let (mut len, mut before, mut pair_rank) = (kept.len, kept.before, kept.pair_rank);
+    len.clear();
+    len.resize(n, 1);
+    before.clear();
+    before.resize(n, 1);
+    pair_rank.clear();
+    pair_rank.extend((0..n).map(|i| {
+        if i + 1 < n {
+            rank_of(i, i + 2)
+        } else {
+            Rank::MAX
+        }
+    }));
+    let mut buckets = Buckets {
+        spare: std::mem::take(&mut kept.spare),
+        ..Buckets::default()
+    };
     for (s, &r) in pair_rank.iter().enumerate() {
         if r != Rank::MAX {
             buckets.push(r, s);
@@ -910,6 +916,7 @@ fn merge_long(rank: impl Fn(&[u8]) -> Option<Rank>, piece: &[u8], mut emit: impl
                 break;
             }
         }
+        buckets.recycle(list);
     }
     let mut s = 0;
     while s < n {
@@ -917,6 +924,33 @@ fn merge_long(rank: impl Fn(&[u8]) -> Option<Rank>, piece: &[u8], mut emit: impl
         emit(rank(&piece[s..e]).unwrap_or(Rank::MAX));
         s = e;
     }
+    if n <= LONG_KEEP {
+        LONG_SCRATCH.set(LongScratch {
+            len,
+            before,
+            pair_rank,
+            spare: buckets.spare,
+        });
+    }
+}
+
+/// Longest piece whose [`merge_long`] arrays a thread keeps for the next long piece (about
+/// 20 bytes per byte of piece, so at most ~20 MiB per thread). Big buffers freed after
+/// each call went back to the operating system and were faulted in again on the next:
+/// that was most of why 1 MB of one letter cost more per byte than 100 KB.
+const LONG_KEEP: usize = 1 << 20;
+
+/// The reusable buffers of [`merge_long`].
+#[derive(Default)]
+struct LongScratch {
+    len: Vec<u16>,
+    before: Vec<u16>,
+    pair_rank: Vec<Rank>,
+    spare: Vec<Vec<u32>>,
+}
+
+thread_local! {
+    static LONG_SCRATCH: std::cell::Cell<LongScratch> = std::cell::Cell::new(LongScratch::default());
 }
 
 /// The positions of [`merge_long`] grouped by rank, taken lowest rank first.
@@ -928,6 +962,9 @@ struct Buckets {
     /// The two ranks pushed to last, with their indices: a merge sweep pushes to the same
     /// one or two ranks over and over, and this skips the hash lookup for them.
     recent: [(Rank, usize); 2],
+    /// Emptied lists, reused for new ranks: on a multi-megabyte piece, allocating a fresh
+    /// list per rank meant faulting in fresh memory again and again.
+    spare: Vec<Vec<u32>>,
 }
 
 impl Default for Buckets {
@@ -937,6 +974,7 @@ impl Default for Buckets {
             index: FxHashMap::default(),
             queue: BinaryHeap::new(),
             recent: [(Rank::MAX, 0); 2],
+            spare: Vec::new(),
         }
     }
 }
@@ -954,7 +992,7 @@ impl Buckets {
             let i = match self.index.get(&r) {
                 Some(&i) => i,
                 None => {
-                    self.lists.push(Vec::new());
+                    self.lists.push(self.spare.pop().unwrap_or_default());
                     self.queue.push(Reverse(r));
                     self.index.insert(r, self.lists.len() - 1);
                     self.lists.len() - 1
@@ -964,6 +1002,12 @@ impl Buckets {
             i
         };
         self.lists[i].push(s as u32);
+    }
+
+    /// Takes back a list returned by [`Buckets::pop`] once its positions are used.
+    fn recycle(&mut self, mut list: Vec<u32>) {
+        list.clear();
+        self.spare.push(list);
     }
 
     /// The lowest queued rank and its positions.

@@ -193,13 +193,7 @@ impl CoreTokenizer {
         py: Python<'py>,
         text: &Bound<'py, PyString>,
     ) -> PyResult<Bound<'py, PyList>> {
-        let text = utf8(text)?;
-        with_buffer(|mut ids| {
-            ids = run(py, || {
-                self.enc.encode_ordinary_into(&text, &mut ids).map(|_| ids)
-            })?;
-            Ok((self.id_list(py, &ids)?, ids))
-        })
+        self.list_of(py, text, |t, ids| self.enc.encode_ordinary_into(t, ids))
     }
 
     #[pyo3(signature = (text, allowed, disallowed=None))]
@@ -210,15 +204,9 @@ impl CoreTokenizer {
         allowed: HashSet<String>,
         disallowed: Option<HashSet<String>>,
     ) -> PyResult<Bound<'py, PyList>> {
-        let text = utf8(text)?;
         let disallowed = disallowed.as_ref();
-        with_buffer(|mut ids| {
-            ids = run(py, || {
-                self.enc
-                    .encode_into(&text, &allowed, disallowed, &mut ids)
-                    .map(|_| ids)
-            })?;
-            Ok((self.id_list(py, &ids)?, ids))
+        self.list_of(py, text, |t, ids| {
+            self.enc.encode_into(t, &allowed, disallowed, ids)
         })
     }
 
@@ -475,6 +463,21 @@ impl Trainer {
 }
 
 impl CoreTokenizer {
+    /// Encodes one text with `encode` (without the GIL, into this thread's reused id
+    /// buffer) and returns its ids as a list.
+    fn list_of<'py>(
+        &self,
+        py: Python<'py>,
+        text: &Bound<'py, PyString>,
+        encode: impl FnOnce(&str, &mut Vec<Rank>) -> crate::Result<()> + Send,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let text = utf8(text)?;
+        with_buffer(|mut ids| {
+            ids = run(py, || encode(&text, &mut ids).map(|_| ids))?;
+            Ok((self.id_list(py, &ids)?, ids))
+        })
+    }
+
     /// A list of Python ints from ids, built directly from the shared int objects (PyO3's
     /// generic conversion makes a new object per element through a trait object).
     fn id_list<'py>(&self, py: Python<'py>, ids: &[Rank]) -> PyResult<Bound<'py, PyList>> {
