@@ -316,3 +316,20 @@ def test_returned_lists_are_independent(gpt2):
     assert gpt2.encode_ordinary(text) == b
     batch = gpt2.encode_batch([text, text])
     assert batch[0] == batch[1] == b and batch[0] is not batch[1]
+
+
+def test_default_encode_matches_the_general_special_token_path(gpt2):
+    # `encode` with its defaults takes a shortcut; it must agree with the set-based path.
+    specials = set(gpt2._special_tokens)
+    for text in ["plain text", "", "a<|endoftext|>b", "<|endoftext", "x <|endoftext|>"]:
+        try:
+            want = gpt2._core.encode(text, set(), specials)
+        except ValueError as e:
+            with pytest.raises(ValueError, match="disallowed special token"):
+                gpt2.encode(text)
+            assert "endoftext" in str(e)
+        else:
+            assert gpt2.encode(text) == want
+    for empty in (set(), (), frozenset()):  # any empty allowed set: the same rule
+        with pytest.raises(ValueError):
+            gpt2.encode("a<|endoftext|>", allowed_special=empty)

@@ -204,6 +204,9 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise TypeError(f"text must be str, got {type(text).__name__}")
+        if disallowed_special == "all" and not allowed_special:
+            # The default, and by far the most common call: no sets to build.
+            return self._core.encode_strict(text)
         allowed, disallowed = self._special_sets(allowed_special, disallowed_special)
         return self._core.encode(text, allowed, disallowed or None)
 

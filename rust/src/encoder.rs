@@ -474,6 +474,15 @@ impl Encoder {
         }
     }
 
+    /// [`Encoder::encode`] with its defaults (no special token allowed, all disallowed),
+    /// appending to `out`: the common call, without building the two sets.
+    pub fn encode_strict_into(&self, text: &str, out: &mut Vec<Rank>) -> Result<()> {
+        if let Some(m) = self.special_regex.as_ref().and_then(|r| r.find(text)) {
+            return Err(Error::DisallowedSpecial(m.as_str().to_string()));
+        }
+        self.encode_ordinary_into(text, out)
+    }
+
     fn check_disallowed(&self, text: &str, disallowed: &HashSet<String>) -> Result<()> {
         if disallowed.is_empty() {
             return Ok(());

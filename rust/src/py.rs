@@ -196,6 +196,15 @@ impl CoreTokenizer {
         self.list_of(py, text, |t, ids| self.enc.encode_ordinary_into(t, ids))
     }
 
+    /// `encode` with no special token allowed and all of them disallowed (the default).
+    fn encode_strict<'py>(
+        &self,
+        py: Python<'py>,
+        text: &Bound<'py, PyString>,
+    ) -> PyResult<Bound<'py, PyList>> {
+        self.list_of(py, text, |t, ids| self.enc.encode_strict_into(t, ids))
+    }
+
     #[pyo3(signature = (text, allowed, disallowed=None))]
     fn encode<'py>(
         &self,
