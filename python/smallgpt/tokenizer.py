@@ -82,6 +82,9 @@ class Tokenizer:
     def __init__(self, core: _bpe.CoreTokenizer) -> None:
         self._core = core
         self._special_tokens: dict[str, int] = dict(core.special_tokens)
+        # The hottest call goes straight to Rust, which checks its argument the same way: a
+        # Python method around it cost ~0.4 us a call, a third of encoding a short line.
+        self.encode_ordinary = core.encode_ordinary  # type: ignore[method-assign]
 
     # ----------------------------------------------------------------------------- training
 
@@ -183,7 +186,10 @@ class Tokenizer:
         return allowed, disallowed
 
     def encode_ordinary(self, text: str) -> list[int]:
-        """Encodes text, treating special-token text as ordinary text."""
+        """Encodes text, treating special-token text as ordinary text.
+
+        (Instances call the Rust method directly; this definition documents it.)
+        """
         if not isinstance(text, str):
             raise TypeError(f"text must be str, got {type(text).__name__}")
         return self._core.encode_ordinary(text)

@@ -6,7 +6,7 @@ use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 
 use pyo3::exceptions::{
-    PyFileNotFoundError, PyKeyboardInterrupt, PyOSError, PyRuntimeError, PyValueError,
+    PyFileNotFoundError, PyKeyboardInterrupt, PyOSError, PyRuntimeError, PyTypeError, PyValueError,
 };
 use pyo3::prelude::*;
 use pyo3::sync::GILOnceCell;
@@ -40,6 +40,17 @@ fn to_py(err: Error) -> PyErr {
 /// on every call, a visible cost for short texts. Every CPython 3.x exports the function
 /// with this signature, so it is declared here directly; Windows links abi3 modules against
 /// `python3.dll`, which lacks it before 3.10, so there the copying path stays.
+/// `obj` as a str, or the TypeError the Python API raises for anything else.
+fn text_arg<'a, 'py>(obj: &'a Bound<'py, PyAny>) -> PyResult<&'a Bound<'py, PyString>> {
+    obj.downcast::<PyString>().map_err(|_| {
+        let name = obj
+            .get_type()
+            .name()
+            .map_or_else(|_| "?".to_string(), |n| n.to_string());
+        PyTypeError::new_err(format!("text must be str, got {name}"))
+    })
+}
+
 fn utf8<'a>(s: &'a Bound<'_, PyString>) -> PyResult<Cow<'a, str>> {
     #[cfg(not(windows))]
     {
@@ -188,11 +199,16 @@ impl CoreTokenizer {
         })
     }
 
+    /// Encodes text, treating special-token text as ordinary text.
+    ///
+    /// `Tokenizer.encode_ordinary` is this method itself (bound in `Tokenizer.__init__`), so it
+    /// checks its argument the way the Python API does.
     fn encode_ordinary<'py>(
         &self,
         py: Python<'py>,
-        text: &Bound<'py, PyString>,
+        text: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyList>> {
+        let text = text_arg(text)?;
         self.list_of(py, text, |t, ids| self.enc.encode_ordinary_into(t, ids))
     }
 

@@ -56,13 +56,20 @@ fn classes() -> &'static Classes {
     })
 }
 
-#[inline]
+#[inline(always)]
 fn class_of(c: char) -> u8 {
-    let t = classes();
     let c = c as u32;
     if c < 0x10000 {
-        return t.bmp[c as usize];
+        return classes().bmp[c as usize];
     }
+    astral_class_of(c)
+}
+
+/// Kept out of line so that [`at`], which runs once per non-ASCII character, stays small
+/// enough to inline.
+#[inline(never)]
+fn astral_class_of(c: u32) -> u8 {
+    let t = classes();
     match t.astral.binary_search_by(|&(a, b, _)| {
         if b < c {
             std::cmp::Ordering::Less
@@ -99,14 +106,36 @@ static ASCII: [u8; 128] = {
 };
 
 /// The character at byte `i` with its class and UTF-8 length.
-#[inline]
+#[inline(always)]
 fn at(s: &str, i: usize) -> Option<(char, u8, usize)> {
     let b = *s.as_bytes().get(i)?;
     if b < 0x80 {
         return Some((b as char, ASCII[b as usize], 1));
     }
-    let c = s[i..].chars().next()?;
-    Some((c, class_of(c), c.len_utf8()))
+    // `s` is valid UTF-8 and `i` a character boundary, so the sequence is decoded from its
+    // lead byte without the re-validation of `s[i..].chars()`.
+    let bs = s.as_bytes();
+    let (c, n) = if b < 0xE0 {
+        (((b & 0x1F) as u32) << 6 | (bs[i + 1] & 0x3F) as u32, 2)
+    } else if b < 0xF0 {
+        (
+            ((b & 0x0F) as u32) << 12
+                | ((bs[i + 1] & 0x3F) as u32) << 6
+                | (bs[i + 2] & 0x3F) as u32,
+            3,
+        )
+    } else {
+        (
+            ((b & 0x07) as u32) << 18
+                | ((bs[i + 1] & 0x3F) as u32) << 12
+                | ((bs[i + 2] & 0x3F) as u32) << 6
+                | (bs[i + 3] & 0x3F) as u32,
+            4,
+        )
+    };
+    // Never None: a valid sequence decodes to a scalar value.
+    let c = char::from_u32(c)?;
+    Some((c, class_of(c), n))
 }
 
 /// "Other": neither whitespace, letter nor number (the `[^\s\p{L}\p{N}]` class).
