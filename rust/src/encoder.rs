@@ -614,17 +614,17 @@ pub(crate) fn pack_hot(b: &[u8]) -> u128 {
     }
 }
 
-/// The bytes [`pack_hot`] packed.
-pub(crate) fn unpack_hot(key: u128) -> Vec<u8> {
+/// The bytes [`pack_hot`] packed, as a buffer and the length used (no allocation: the
+/// trainer unpacks every distinct piece).
+pub(crate) fn unpack_hot(key: u128) -> ([u8; 16], usize) {
     let (lo, hi) = (key as u64, (key >> 64) as u64);
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&lo.to_le_bytes());
     if hi == 0 {
-        let n = (lo >> 56) as usize;
-        lo.to_le_bytes()[..n].to_vec()
+        (out, (lo >> 56) as usize)
     } else {
-        let n = ((hi >> 56) & 0x7F) as usize;
-        let mut out = lo.to_le_bytes().to_vec();
-        out.extend_from_slice(&hi.to_le_bytes()[..n]);
-        out
+        out[8..].copy_from_slice(&hi.to_le_bytes());
+        (out, 8 + ((hi >> 56) & 0x7F) as usize)
     }
 }
 
@@ -1252,7 +1252,8 @@ mod tests {
         for n in 1..=HOT_LEN {
             for start in 0..=text.len() - n {
                 let b = &text[start..start + n];
-                assert_eq!(unpack_hot(pack_hot(b)), b, "{b:?}");
+                let (bytes, n) = unpack_hot(pack_hot(b));
+                assert_eq!(&bytes[..n], b, "{b:?}");
                 assert_ne!(pack_hot(b), 0);
             }
         }

@@ -114,6 +114,7 @@ fn at(s: &str, i: usize) -> Option<(char, u8, usize)> {
     }
     // `s` is valid UTF-8 and `i` a character boundary, so the sequence is decoded from its
     // lead byte without the re-validation of `s[i..].chars()`.
+    debug_assert!(s.is_char_boundary(i));
     let bs = s.as_bytes();
     let (c, n) = if b < 0xE0 {
         (((b & 0x1F) as u32) << 6 | (bs[i + 1] & 0x3F) as u32, 2)

@@ -88,7 +88,8 @@ impl PieceCounts {
     /// Calls `f(bytes, count)` for every distinct piece, in no particular order.
     pub fn for_each(&self, mut f: impl FnMut(&[u8], u64)) {
         for (&k, &c) in &self.short {
-            f(&unpack_hot(k), c);
+            let (bytes, n) = unpack_hot(k);
+            f(&bytes[..n], c);
         }
         for (k, &c) in &self.long {
             f(k, c);
