@@ -333,3 +333,26 @@ def test_default_encode_matches_the_general_special_token_path(gpt2):
     for empty in (set(), (), frozenset()):  # any empty allowed set: the same rule
         with pytest.raises(ValueError):
             gpt2.encode("a<|endoftext|>", allowed_special=empty)
+
+
+def test_encode_argument_errors_are_typed(gpt2):
+    """encode_ordinary and the batch calls check their arguments in Rust: same messages."""
+    tok = gpt2
+    with pytest.raises(TypeError, match="text must be str, got int"):
+        tok.encode_ordinary(3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="text must be str, got bytes"):
+        tok.encode_ordinary(b"x")  # type: ignore[arg-type]
+    for call in (tok.encode_batch, tok.encode_ordinary_batch, tok.encode_batch_to_numpy):
+        with pytest.raises(TypeError, match="not a single string"):
+            call("one string")  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="only str"):
+            call(["ok", 3])  # type: ignore[list-item]
+        with pytest.raises(TypeError, match="sequence of str, got int"):
+            call(5)  # type: ignore[arg-type]
+    # Any iterable of str works, not only lists.
+    texts = ["Hello world", "caf\u00e9"]
+    expected = [tok.encode_ordinary(t) for t in texts]
+    assert tok.encode_ordinary_batch(tuple(texts)) == expected
+    assert tok.encode_ordinary_batch(t for t in texts) == expected
+    # The instance attribute is the documented method's fast path, not a different function.
+    assert tok.encode_ordinary("Hello world") == Tokenizer.encode_ordinary(tok, "Hello world")

@@ -225,18 +225,9 @@ class Tokenizer:
         num_threads: Optional[int] = None,
     ) -> list[list[int]]:
         """Encodes many texts in parallel (Rust threads, GIL released); same as ``encode``."""
-        texts = self._check_texts(texts)
+        # Rust checks `texts` (TypeError for a str or a non-str item) while collecting it.
         allowed, disallowed = self._special_sets(allowed_special, disallowed_special)
         return self._core.encode_batch(texts, allowed, disallowed or None, num_threads)
-
-    @staticmethod
-    def _check_texts(texts: Sequence[str]) -> list[str]:
-        if isinstance(texts, str):
-            raise TypeError("texts must be a sequence of str, not a single string")
-        texts = list(texts)
-        if not all(isinstance(t, str) for t in texts):
-            raise TypeError("texts must contain only str")
-        return texts
 
     def encode_ordinary_batch(
         self, texts: Sequence[str], *, num_threads: Optional[int] = None
@@ -262,7 +253,6 @@ class Tokenizer:
         """
         import numpy as np
 
-        texts = self._check_texts(texts)
         allowed, disallowed = self._special_sets(allowed_special, disallowed_special)
         ids, offsets = self._core.encode_batch_flat(texts, allowed, disallowed or None, num_threads)
         return np.frombuffer(ids, dtype="<u4"), np.frombuffer(offsets, dtype="<i8")

@@ -40,15 +40,16 @@ fn to_py(err: Error) -> PyErr {
 /// on every call, a visible cost for short texts. Every CPython 3.x exports the function
 /// with this signature, so it is declared here directly; Windows links abi3 modules against
 /// `python3.dll`, which lacks it before 3.10, so there the copying path stays.
+fn type_name(obj: &Bound<'_, PyAny>) -> String {
+    obj.get_type()
+        .name()
+        .map_or_else(|_| "?".to_string(), |n| n.to_string())
+}
+
 /// `obj` as a str, or the TypeError the Python API raises for anything else.
 fn text_arg<'a, 'py>(obj: &'a Bound<'py, PyAny>) -> PyResult<&'a Bound<'py, PyString>> {
-    obj.downcast::<PyString>().map_err(|_| {
-        let name = obj
-            .get_type()
-            .name()
-            .map_or_else(|_| "?".to_string(), |n| n.to_string());
-        PyTypeError::new_err(format!("text must be str, got {name}"))
-    })
+    obj.downcast::<PyString>()
+        .map_err(|_| PyTypeError::new_err(format!("text must be str, got {}", type_name(obj))))
 }
 
 fn utf8<'a>(s: &'a Bound<'_, PyString>) -> PyResult<Cow<'a, str>> {
@@ -81,6 +82,30 @@ fn utf8<'a>(s: &'a Bound<'_, PyString>) -> PyResult<Cow<'a, str>> {
 /// The texts of a list of `str`, borrowed as by [`utf8`].
 fn utf8_all<'a>(texts: &'a [Bound<'_, PyString>]) -> PyResult<Vec<Cow<'a, str>>> {
     texts.iter().map(utf8).collect()
+}
+
+/// The `texts` of a batch call (any iterable of str, not a str itself), checked in the one
+/// pass that collects them, with the TypeErrors the Python API documents.
+fn texts_arg<'py>(texts: &Bound<'py, PyAny>) -> PyResult<Vec<Bound<'py, PyString>>> {
+    if texts.is_instance_of::<PyString>() {
+        return Err(PyTypeError::new_err(
+            "texts must be a sequence of str, not a single string",
+        ));
+    }
+    let item = |t: Bound<'py, PyAny>| {
+        t.downcast_into::<PyString>()
+            .map_err(|_| PyTypeError::new_err("texts must contain only str"))
+    };
+    if let Ok(list) = texts.downcast::<PyList>() {
+        return list.iter().map(item).collect();
+    }
+    let iter = texts.try_iter().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "texts must be a sequence of str, got {}",
+            type_name(texts)
+        ))
+    })?;
+    iter.map(|t| item(t?)).collect()
 }
 
 thread_local! {
@@ -258,11 +283,12 @@ impl CoreTokenizer {
     fn encode_batch<'py>(
         &self,
         py: Python<'py>,
-        texts: Vec<Bound<'py, PyString>>,
+        texts: &Bound<'py, PyAny>,
         allowed: HashSet<String>,
         disallowed: Option<HashSet<String>>,
         num_threads: Option<usize>,
     ) -> PyResult<Bound<'py, PyList>> {
+        let texts = texts_arg(texts)?;
         let texts = utf8_all(&texts)?;
         let runs = self.encode_runs(py, &texts, &allowed, disallowed.as_ref(), num_threads)?;
         let mut lists = Vec::with_capacity(texts.len());
@@ -283,11 +309,12 @@ impl CoreTokenizer {
     fn encode_batch_flat<'py>(
         &self,
         py: Python<'py>,
-        texts: Vec<Bound<'py, PyString>>,
+        texts: &Bound<'py, PyAny>,
         allowed: HashSet<String>,
         disallowed: Option<HashSet<String>>,
         num_threads: Option<usize>,
     ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
+        let texts = texts_arg(texts)?;
         let texts = utf8_all(&texts)?;
         let runs = self.encode_runs(py, &texts, &allowed, disallowed.as_ref(), num_threads)?;
         let total: usize = runs.iter().map(|(ids, _)| ids.len()).sum();
