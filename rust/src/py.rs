@@ -40,6 +40,23 @@ fn to_py(err: Error) -> PyErr {
 /// on every call, a visible cost for short texts. Every CPython 3.x exports the function
 /// with this signature, so it is declared here directly; Windows links abi3 modules against
 /// `python3.dll`, which lacks it before 3.10, so there the copying path stays.
+/// Writes ids as little-endian u32s into `dst` (exactly `4 * ids.len()` bytes long): one
+/// copy on little-endian machines, where the per-id loop did not vectorize.
+fn write_le(ids: &[Rank], dst: &mut [u8]) {
+    debug_assert_eq!(dst.len(), 4 * ids.len());
+    #[cfg(target_endian = "little")]
+    {
+        // SAFETY: any initialized u32 is four initialized bytes; the view lives only for
+        // this copy, and `Rank` is `u32` with no padding.
+        let src = unsafe { std::slice::from_raw_parts(ids.as_ptr().cast::<u8>(), 4 * ids.len()) };
+        dst.copy_from_slice(src);
+    }
+    #[cfg(not(target_endian = "little"))]
+    for (chunk, id) in dst.chunks_exact_mut(4).zip(ids) {
+        chunk.copy_from_slice(&id.to_le_bytes());
+    }
+}
+
 fn type_name(obj: &Bound<'_, PyAny>) -> String {
     obj.get_type()
         .name()
@@ -272,9 +289,7 @@ impl CoreTokenizer {
         let text = utf8(text)?;
         let ids = run(py, || self.enc.encode(&text, &allowed, disallowed.as_ref()))?;
         PyBytes::new_with(py, ids.len() * 4, |buf| {
-            for (chunk, id) in buf.chunks_exact_mut(4).zip(ids) {
-                chunk.copy_from_slice(&id.to_le_bytes());
-            }
+            write_le(&ids, buf);
             Ok(())
         })
     }
@@ -319,9 +334,11 @@ impl CoreTokenizer {
         let runs = self.encode_runs(py, &texts, &allowed, disallowed.as_ref(), num_threads)?;
         let total: usize = runs.iter().map(|(ids, _)| ids.len()).sum();
         let tokens = PyBytes::new_with(py, total * 4, |buf| {
-            let ids = runs.iter().flat_map(|(ids, _)| ids);
-            for (chunk, &id) in buf.chunks_exact_mut(4).zip(ids) {
-                chunk.copy_from_slice(&id.to_le_bytes());
+            let mut at = 0;
+            for (ids, _) in &runs {
+                let dst = &mut buf[at..at + 4 * ids.len()];
+                write_le(ids, dst);
+                at += dst.len();
             }
             Ok(())
         })?;
@@ -584,7 +601,11 @@ impl CoreTokenizer {
                 texts
                     .par_chunks(run_len)
                     .map(|run| {
-                        let mut ids = Vec::new();
+                        // About one id per two bytes covers most text (English needs one per
+                        // four, CJK one per two to three): growing the buffer from empty
+                        // copied it over and over.
+                        let bytes: usize = run.iter().map(|t| t.len()).sum();
+                        let mut ids = Vec::with_capacity(bytes / 2 + 16);
                         let mut lens = Vec::with_capacity(run.len());
                         for t in run {
                             let start = ids.len();
