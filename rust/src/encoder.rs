@@ -18,7 +18,17 @@ pub type Rank = u32;
 /// for runs of CJK text the quadratic scan already costs more at a few dozen bytes.
 const LONG_PIECE: usize = 255;
 /// log2 of the number of slots in each thread's direct-mapped cache of short pieces.
-const HOT_BITS: u32 = 13;
+/// (The tests shrink every cache so that evictions and restarts happen on small inputs.)
+const HOT_BITS: u32 = if cfg!(test) { 5 } else { 13 };
+/// log2 of the two-slot sets of the second, larger cache of short pieces that BPE had to
+/// merge (see [`Scratch::merged`]).
+const MERGED_BITS: u32 = if cfg!(test) { 4 } else { 15 };
+/// Probes of `merged` per check of its hit rate, and merges it stays off for after a
+/// poor one (see [`Scratch::count_probe`]).
+const PROBE_WINDOW: u32 = if cfg!(test) { 16 } else { 1024 };
+const MERGED_OFF: u32 = if cfg!(test) { 64 } else { 1 << 14 };
+/// log2 of the bits of the filter of pieces merged before (see [`Scratch::seen`]).
+const SEEN_BITS: u32 = if cfg!(test) { 8 } else { 20 };
 /// Entries of the cache of pieces of `HOT_LEN + 1` to `WARM_LEN` bytes before it starts
 /// over: longer words are many and less frequent, so this one is a hash map, not a
 /// direct-mapped table, which lost most of them to collisions.
@@ -27,7 +37,7 @@ const WARM_ENTRIES: usize = if cfg!(test) { 1 << 6 } else { 1 << 16 };
 const WARM_IDS: usize = if cfg!(test) { 1 << 9 } else { 1 << 20 };
 /// Ids of cached pieces that do not fit in their slot go to a per-thread arena of this
 /// many ids; when it is full it starts over (see [`Scratch::store`]).
-const ARENA_IDS: usize = if cfg!(test) { 1 << 9 } else { 1 << 17 };
+const ARENA_IDS: usize = if cfg!(test) { 1 << 9 } else { 1 << 19 };
 
 /// Pieces of up to this many bytes go through the per-thread direct-mapped cache.
 pub(crate) const HOT_LEN: usize = 15;
@@ -41,11 +51,17 @@ const _: () = assert!(WARM_LEN <= LONG_PIECE);
 /// [`pack_hot`]; never 0, so 0 marks an empty slot) and its ids: inline if there are at
 /// most three, else `ids = [arena offset, arena generation, _]`.
 #[derive(Clone, Copy, Default)]
+#[repr(align(32))] // one slot per cache-line half, never straddling two lines
 struct HotSlot {
     key: u128,
     n: u32,
     ids: [Rank; 3],
 }
+
+/// A set of [`Scratch::merged`]: two slots in one cache line, so a probe is one access.
+#[derive(Clone, Copy, Default)]
+#[repr(align(64))]
+struct MergedSet([HotSlot; 2]);
 
 /// Each thread's caches of merged pieces. Natural text repeats the same few thousand
 /// words, and a probe here is much cheaper than re-running BPE on them; the tables are
@@ -54,6 +70,19 @@ struct HotSlot {
 /// four or more), hence the arena rather than a fixed number of ids per slot.
 struct Scratch {
     hot: Box<[HotSlot]>,
+    /// Short pieces that are not tokens, two per set, newest first. Merging one costs
+    /// several probes of the vocabulary tables (about 800 cycles for an English word that
+    /// is not a token), a probe here one memory access; the English words that overflow
+    /// `hot` mostly hit here. Whole tokens stay out: their one vocabulary probe is as cheap.
+    merged: Box<[MergedSet]>,
+    /// A bit per hash value of the pieces merged so far (see [`Scratch::seen`]).
+    seen: Box<[u64]>,
+    seen_marks: usize,
+    /// Probes and hits of `merged` in the current window, and for how many more merges it
+    /// is off (see [`Scratch::count_probe`]).
+    merged_probes: u32,
+    merged_hits: u32,
+    merged_off: u32,
     /// Pieces of `HOT_LEN + 1` to `WARM_LEN` bytes (see [`pack_warm`]) to the offset and
     /// number of their ids in `warm_ids`; both start over together when either is full.
     warm: FxHashMap<(u128, u128), (u32, u32)>,
@@ -67,6 +96,12 @@ impl Default for Scratch {
     fn default() -> Self {
         Scratch {
             hot: vec![HotSlot::default(); 1 << HOT_BITS].into_boxed_slice(),
+            merged: vec![MergedSet::default(); 1 << MERGED_BITS].into_boxed_slice(),
+            seen: vec![0; (1 << SEEN_BITS) / 64].into_boxed_slice(),
+            seen_marks: 0,
+            merged_probes: 0,
+            merged_hits: 0,
+            merged_off: 0,
             warm: FxHashMap::default(),
             warm_ids: Vec::new(),
             arena: Vec::with_capacity(ARENA_IDS),
@@ -88,10 +123,71 @@ impl Scratch {
         (offset, self.generation)
     }
 
-    /// The `n` ids at `offset`, if they were stored in generation `generation`.
+    /// Whether a piece with this `seen` index was merged before (since the filter last
+    /// started over; a false yes only costs a probe). Only such pieces are looked up in
+    /// `merged`: a piece seen for the first time cannot be there, and in a single pass
+    /// over a corpus most merged pieces are new.
     #[inline]
-    fn load(&self, offset: u32, n: u32, generation: u32) -> Option<&[Rank]> {
-        (generation == self.generation).then(|| &self.arena[offset as usize..(offset + n) as usize])
+    fn seen(&self, at: usize) -> bool {
+        self.seen[at / 64] >> (at % 64) & 1 == 1
+    }
+
+    /// Records a piece's `seen` index; the filter starts over once a quarter full, before
+    /// false positives become common.
+    #[inline]
+    fn mark_seen(&mut self, at: usize) {
+        self.seen[at / 64] |= 1 << (at % 64);
+        self.seen_marks += 1;
+        if self.seen_marks > (1 << SEEN_BITS) / 4 {
+            self.seen.fill(0);
+            self.seen_marks = 0;
+        }
+    }
+
+    /// Counts a probe of `merged`; after every `PROBE_WINDOW`, turns the cache off for a
+    /// while if few of them hit. Text that repeats its words (English) hits most of the
+    /// time; text whose pieces rarely recur within the cache's reach (Chinese) would pay a
+    /// trip to memory per piece for nothing.
+    #[inline]
+    fn count_probe(&mut self) {
+        self.merged_probes += 1;
+        if self.merged_probes == PROBE_WINDOW {
+            if self.merged_hits < PROBE_WINDOW / 4 {
+                self.merged_off = MERGED_OFF;
+            }
+            self.merged_probes = 0;
+            self.merged_hits = 0;
+        }
+    }
+
+    /// The ids of a slot holding `key`, unless its arena ids were dropped since.
+    #[inline(always)]
+    fn ids_of<'s>(&'s self, slot: &'s HotSlot, key: u128) -> Option<&'s [Rank]> {
+        if slot.key != key {
+            return None;
+        }
+        if slot.n <= 3 {
+            return Some(&slot.ids[..slot.n as usize]);
+        }
+        let (offset, n) = (slot.ids[0] as usize, slot.n as usize);
+        (slot.ids[1] == self.generation).then(|| &self.arena[offset..offset + n])
+    }
+
+    /// A slot holding `key` and `ids`, which go to the arena if there are more than three.
+    #[inline]
+    fn slot_for(&mut self, key: u128, ids: &[Rank]) -> HotSlot {
+        let mut slot = HotSlot {
+            key,
+            n: ids.len() as u32,
+            ids: [0; 3],
+        };
+        if ids.len() <= 3 {
+            slot.ids[..ids.len()].copy_from_slice(ids);
+        } else {
+            let (offset, generation) = self.store(ids);
+            slot.ids = [offset, generation, 0];
+        }
+        slot
     }
 }
 
@@ -317,42 +413,59 @@ impl Encoder {
         let n = piece.len();
         if n <= HOT_LEN {
             let key = pack_hot(piece);
-            let at = hot_index(key);
+            let (at, at_merged, at_seen) = hot_index(key);
             let slot = scratch.hot[at];
-            if slot.key == key {
-                if slot.n <= 3 {
-                    // A loop of at most three pushes: `extend_from_slice` calls memcpy.
-                    for &id in &slot.ids[..slot.n as usize] {
-                        out.push(id);
-                    }
-                    return;
+            if slot.key == key && slot.n <= 3 {
+                // A loop of at most three pushes: `extend_from_slice` calls memcpy.
+                for &id in &slot.ids[..slot.n as usize] {
+                    out.push(id);
                 }
-                if let Some(ids) = scratch.load(slot.ids[0], slot.n, slot.ids[1]) {
-                    out.extend_from_slice(ids);
-                    return;
-                }
+                return;
+            }
+            if let Some(ids) = scratch.ids_of(&slot, key) {
+                out.extend_from_slice(ids);
+                return;
             }
             let start = out.len();
+            // `merged` is megabytes, so a probe is a trip to memory: it is made only for
+            // pieces merged before, and its line is fetched while the vocabulary is asked
+            // whether the piece is a token.
+            let seen = scratch.seen(at_seen) && scratch.merged_off == 0;
+            if seen {
+                prefetch(scratch.merged.as_ptr().wrapping_add(at_merged));
+            }
             if let Some(id) = self.rank(piece) {
                 out.push(id);
             } else if n == 1 {
                 out.push(self.byte_ids[piece[0] as usize]);
             } else {
+                if seen {
+                    for found in scratch.merged[at_merged].0 {
+                        if let Some(ids) = scratch.ids_of(&found, key) {
+                            out.extend_from_slice(ids);
+                            scratch.hot[at] = found;
+                            scratch.merged_hits += 1;
+                            scratch.count_probe();
+                            return;
+                        }
+                    }
+                    scratch.count_probe();
+                } else {
+                    scratch.merged_off = scratch.merged_off.saturating_sub(1);
+                }
                 self.merge(piece, out);
+                let slot = scratch.slot_for(key, &out[start..]);
+                scratch.hot[at] = slot;
+                if scratch.merged_off == 0 {
+                    let set = &mut scratch.merged[at_merged].0;
+                    *set = [slot, set[0]];
+                }
+                if !seen {
+                    scratch.mark_seen(at_seen);
+                }
+                return;
             }
-            let ids = &out[start..];
-            let mut slot = HotSlot {
-                key,
-                n: ids.len() as u32,
-                ids: [0; 3],
-            };
-            if ids.len() <= 3 {
-                slot.ids[..ids.len()].copy_from_slice(ids);
-            } else {
-                let (offset, generation) = scratch.store(ids);
-                slot.ids = [offset, generation, 0];
-            }
-            scratch.hot[at] = slot;
+            scratch.hot[at] = scratch.slot_for(key, &out[start..]);
         } else if let Some(&id) = self.ranks.get(piece) {
             out.push(id);
         } else if n > WARM_LEN {
@@ -643,11 +756,35 @@ fn char3(b: &[u8]) -> Option<usize> {
     }
 }
 
-/// Slot of a packed piece in the per-thread cache (Fibonacci hashing of both halves).
+/// Asks the CPU to start loading the cache line at `p`.
+#[inline(always)]
+pub(crate) fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint; it never faults, whatever the address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch(p as *const i8, std::arch::x86_64::_MM_HINT_T0);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
+/// Slot and set of a packed piece in the per-thread caches `hot` and `merged` and its bit in the
+/// `seen` filter (Fibonacci hashing of both halves). Only the top bits of a product depend
+/// on every bit of the key, so `merged` and `seen` take the top bits of a second round:
+/// lower bits of the first depended on the first few bytes alone, and words sharing a
+/// prefix collided.
 #[inline]
-fn hot_index(key: u128) -> usize {
-    let h = (key as u64 ^ ((key >> 64) as u64).rotate_left(29)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    (h >> (64 - HOT_BITS)) as usize
+fn hot_index(key: u128) -> (usize, usize, usize) {
+    const K: u64 = 0x9E37_79B9_7F4A_7C15;
+    let h = (key as u64 ^ ((key >> 64) as u64).rotate_left(29)).wrapping_mul(K);
+    let h2 = (h ^ (h >> 32)).wrapping_mul(K);
+    let merged = h2 >> (64 - MERGED_BITS);
+    let seen = (h2 >> (64 - MERGED_BITS - SEEN_BITS)) & ((1 << SEEN_BITS) - 1);
+    (
+        (h >> (64 - HOT_BITS)) as usize,
+        merged as usize,
+        seen as usize,
+    )
 }
 
 /// A piece of `HOT_LEN + 1` to `WARM_LEN` bytes as its first 16 bytes and the rest packed.
@@ -1190,29 +1327,47 @@ mod tests {
 
     #[test]
     fn caches_give_what_merging_gives() {
-        // Many distinct words of 2 to 40 bytes, most of several tokens, encoded twice: the
-        // second pass is served by the caches (hot slots with ids inline and in the arena,
-        // the map of longer pieces), which here are small enough to start over many times.
+        // Words of 2 to 40 bytes, most of several tokens, encoded again and again: later
+        // passes are served by the caches (hot slots with ids inline and in the arena, the
+        // second cache of merged pieces, the map of longer pieces), which the tests shrink
+        // so that they evict and start over all the time. Text of few distinct words
+        // (which `merged` serves) alternates with text of new words each time (after which
+        // it turns itself off for a while), so both states and the switches between them
+        // are covered.
         let e = toy(&[b"ab", b"cd", b"abcd", b"ba", b"dc", b"bab"]);
-        let mut state = 3u64;
-        let mut text = String::new();
-        for _ in 0..3000 {
-            let len = 2 + (xorshift(&mut state) % 39) as usize;
-            text.push(' ');
-            text.extend(
-                (0..len).map(|_| ['a', 'b', 'c', 'd'][(xorshift(&mut state) % 4) as usize]),
-            );
-        }
         let pre = Pretokenizer::new("gpt2").unwrap();
-        let mut want = Vec::new();
-        for p in pre.pieces(&text).unwrap() {
-            match e.rank(p.as_bytes()) {
-                Some(id) => want.push(id),
-                None => want.extend(naive(&e, p.as_bytes())),
+        let mut state = 3u64;
+        let word = |state: &mut u64| -> String {
+            let len = 2 + (xorshift(state) % 39) as usize;
+            (0..len)
+                .map(|_| ['a', 'b', 'c', 'd'][(xorshift(state) % 4) as usize])
+                .collect()
+        };
+        let vocab: Vec<String> = (0..60).map(|_| word(&mut state)).collect();
+        for round in 0..8 {
+            let mut text = String::new();
+            for _ in 0..3000 {
+                text.push(' ');
+                if round % 2 == 0 {
+                    text.push_str(&vocab[(xorshift(&mut state) % 60) as usize]);
+                } else {
+                    text.push_str(&word(&mut state));
+                }
             }
-        }
-        for pass in 0..3 {
-            assert_eq!(e.encode_ordinary(&text).unwrap(), want, "pass {pass}");
+            let mut want = Vec::new();
+            for p in pre.pieces(&text).unwrap() {
+                match e.rank(p.as_bytes()) {
+                    Some(id) => want.push(id),
+                    None => want.extend(naive(&e, p.as_bytes())),
+                }
+            }
+            for pass in 0..2 {
+                assert_eq!(
+                    e.encode_ordinary(&text).unwrap(),
+                    want,
+                    "round {round} pass {pass}"
+                );
+            }
         }
     }
 

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use rustc_hash::{FxHashMap, FxHashSet};
 
-use crate::encoder::{pack_hot, unpack_hot, HOT_LEN};
+use crate::encoder::{pack_hot, prefetch, unpack_hot, HOT_LEN};
 use crate::error::{Error, Result};
 use crate::pretokenize::Pretokenizer;
 
@@ -272,17 +272,6 @@ impl Words {
             prefetch(self.syms.as_ptr().wrapping_add(m.start as usize));
         }
     }
-}
-
-#[inline(always)]
-fn prefetch<T>(p: *const T) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch is a hint; it never faults, whatever the address.
-    unsafe {
-        std::arch::x86_64::_mm_prefetch(p as *const i8, std::arch::x86_64::_MM_HINT_T0);
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
 }
 
 type Pair = (u32, u32);
