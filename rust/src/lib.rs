@@ -5,6 +5,7 @@
 pub mod corpus;
 pub mod encoder;
 pub mod error;
+pub mod lanes;
 pub mod pretokenize;
 mod scan;
 pub mod trainer;
