@@ -53,6 +53,12 @@ pub const MAX_TOKEN_LEN: usize = u16::MAX as usize;
 const WARM_LEN: usize = 2 * HOT_LEN + 1;
 const _: () = assert!(WARM_LEN <= LONG_PIECE);
 
+/// Marks the [`pack_hot`] key of a segment of a cut piece, whose ids are plain BPE on its
+/// bytes, apart from the key of a piece with the same bytes, whose ids are that token if it
+/// is one. Bit 62 of the high half is 0 in every piece key: it is 0 for pieces of up to 7
+/// bytes and holds a length bit that is never set for longer ones (see [`pack`]).
+const SEGMENT_MARK: u128 = 1 << (64 + 62);
+
 /// One slot of the short-piece cache: a piece of at most `HOT_LEN` bytes (packed, see
 /// [`pack_hot`]; never 0, so 0 marks an empty slot) and its ids: inline if there are at
 /// most three, else `ids = [arena offset, arena generation, _]`.
@@ -459,7 +465,7 @@ impl Encoder {
                 } else {
                     scratch.merged_off = scratch.merged_off.saturating_sub(1);
                 }
-                self.merge(piece, out);
+                self.merge_with(piece, scratch, out);
                 let slot = scratch.slot_for(key, &out[start..]);
                 scratch.hot[at] = slot;
                 if scratch.merged_off == 0 {
@@ -475,7 +481,7 @@ impl Encoder {
         } else if let Some(&id) = self.ranks.get(piece) {
             out.push(id);
         } else if n > WARM_LEN {
-            self.merge(piece, out);
+            self.merge_with(piece, scratch, out);
         } else {
             let key = pack_warm(piece);
             if let Some(&(offset, n)) = scratch.warm.get(&key) {
@@ -483,7 +489,7 @@ impl Encoder {
                 return;
             }
             let start = out.len();
-            self.merge(piece, out);
+            self.merge_with(piece, scratch, out);
             let ids = &out[start..];
             if scratch.warm.len() >= WARM_ENTRIES || scratch.warm_ids.len() + ids.len() > WARM_IDS {
                 scratch.warm.clear();
@@ -495,8 +501,16 @@ impl Encoder {
         }
     }
 
-    /// BPE on a piece of two or more bytes that is not itself a token.
+    /// BPE on a piece of two or more bytes that is not itself a token (tests call this;
+    /// the encoder uses [`Encoder::merge_with`] with the scratch it already holds).
+    #[cfg(test)]
     fn merge(&self, piece: &[u8], out: &mut Vec<Rank>) {
+        let mut scratch = self.cache.get_or_default().borrow_mut();
+        self.merge_with(piece, &mut scratch, out);
+    }
+
+    /// BPE on a piece of two or more bytes that is not itself a token.
+    fn merge_with(&self, piece: &[u8], scratch: &mut Scratch, out: &mut Vec<Rank>) {
         if piece.len() <= CUT_PIECE {
             merge_short(|b| self.rank(b), piece, |r| out.push(r));
             return;
@@ -511,11 +525,29 @@ impl Encoder {
             let seg = &piece[start..i];
             match seg.len() {
                 1 => out.push(self.byte_ids[seg[0] as usize]),
+                n if n <= HOT_LEN => self.merge_segment(seg, scratch, out),
                 n if n <= LONG_PIECE => merge_short(|b| self.rank(b), seg, |r| out.push(r)),
                 _ => merge_long(|b| self.rank(b), seg, |r| out.push(r)),
             }
             start = i;
         }
+    }
+
+    /// BPE on a short segment of a cut piece, through the `hot` cache under a key of its own
+    /// (see [`SEGMENT_MARK`]): Japanese runs cut into segments of a few bytes that recur
+    /// (particles, common words) even where the runs themselves never do.
+    #[inline]
+    fn merge_segment(&self, seg: &[u8], scratch: &mut Scratch, out: &mut Vec<Rank>) {
+        let key = pack_hot(seg) | SEGMENT_MARK;
+        let (at, _, _) = hot_index(key);
+        let slot = scratch.hot[at];
+        if let Some(ids) = scratch.ids_of(&slot, key) {
+            out.extend_from_slice(ids);
+            return;
+        }
+        let start = out.len();
+        merge_short(|b| self.rank(b), seg, |r| out.push(r));
+        scratch.hot[at] = scratch.slot_for(key, &out[start..]);
     }
 
     /// Whether the bytes `a b` occur next to each other in some token.
