@@ -72,15 +72,23 @@ mod tests {
 
     #[test]
     fn each_thread_starts_in_its_own_lane() {
-        // With two threads and slow items, thread t does at least the first item of lane t.
+        // Each thread waits at a barrier inside its first item, so neither can move on (and
+        // take from the other's lane) before both have taken their first: thread t's first
+        // item must then be the first of lane t, whatever the scheduling.
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(2)
             .build()
             .unwrap();
+        let barrier = std::sync::Barrier::new(2);
+        let started = Mutex::new([false; 2]);
         let who = pool.install(|| {
             map_in_lanes(8, |_| {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-                rayon::current_thread_index().unwrap()
+                let me = rayon::current_thread_index().unwrap();
+                let first = !std::mem::replace(&mut started.lock().unwrap()[me], true);
+                if first {
+                    barrier.wait();
+                }
+                me
             })
         });
         assert_eq!((who[0], who[4]), (0, 1));
