@@ -151,11 +151,13 @@ def test_sequential_pass_and_ranks(tmp_path: Path) -> None:
     # 2 shards with 10 and 5 full windows of 4 tokens (+1 target token each).
     make_folder(tmp_path, [np.arange(41), np.arange(1000, 1021)], [np.arange(9)])
     seen = []
-    dss = [ShardDataset(tmp_path, "train", 4, 3, mode="sequential", rank=r, world_size=2)
+    dss = [ShardDataset(tmp_path, "train", 4, 6, mode="sequential", rank=r, world_size=2)
            for r in range(2)]
     for _ in range(2):
         for ds in dss:
-            seen.extend(ds.next_batch()[0][:, 0].tolist())
+            x = ds.next_batch()[0]
+            assert x.shape == (3, 4)  # half of the global batch of 6
+            seen.extend(x[:, 0].tolist())
     assert len(seen) == 12 and len(set(seen)) == 12  # ranks read disjoint windows
     # after 15 windows the pass wraps into the next epoch
     ds = ShardDataset(tmp_path, "train", 4, 5, mode="sequential")
@@ -172,7 +174,7 @@ def test_iter_eval_covers_every_token_once(tmp_path: Path) -> None:
     make_folder(tmp_path, [np.arange(100)], [np.arange(23), np.arange(500, 510)])
     ds = ShardDataset(tmp_path, "val", block_size=8, batch_size=2, mode="sequential")
     targets = []
-    for x, y in ds.iter_eval():
+    for x, y, _ in ds.iter_eval():
         assert x.shape[1] == 8
         mask = y != -1
         assert torch.all(y[:, :-1][mask[:, 1:]] == x[:, 1:][mask[:, 1:]])
@@ -183,12 +185,47 @@ def test_iter_eval_covers_every_token_once(tmp_path: Path) -> None:
     both = []
     for r in range(2):
         dr = ShardDataset(tmp_path, "val", 8, 2, mode="sequential", rank=r, world_size=2)
-        for _, y in dr.iter_eval():
+        for _, y, _ in dr.iter_eval():
             both.extend(y[y != -1].tolist())
     assert sorted(both) == sorted(targets)
-    # a prefix sample
-    part = [t for _, y in ds.iter_eval(max_tokens=12) for t in y[y != -1].tolist()]
-    assert part == list(range(1, 12)) and ds.eval_token_count(12) == 11
+    # a prefix sample: whole windows, as many as it takes to reach 12 predicted tokens, so
+    # the windows of a smaller budget are a prefix of a larger one's
+    part = [t for _, y, _ in ds.iter_eval(max_tokens=12) for t in y[y != -1].tolist()]
+    assert part == list(range(1, 17)) and ds.eval_token_count(12) == 16
+    assert ds.eval_windows(12) == ds.eval_windows(0)[:2]
+    # equal_batches: both ranks yield as many batches, padding rows have index -1
+    counts = []
+    for r in range(2):
+        dr = ShardDataset(tmp_path, "val", 8, 2, mode="sequential", rank=r, world_size=2)
+        batches = list(dr.iter_eval(batch_size=3, equal_batches=True))
+        counts.append(len(batches))
+        for _, y, idx in batches:
+            assert torch.all(y[idx < 0] == -1)
+    assert counts[0] == counts[1]
+
+
+@pytest.mark.parametrize("mode", ["random", "sequential"])
+def test_global_batch_is_the_same_for_any_world_size(tmp_path: Path, mode: str) -> None:
+    # One process with 4 micro-steps of 2 and 2 processes with 2 micro-steps of 2 read the
+    # same 8 windows in every optimizer step.
+    make_folder(tmp_path, [np.arange(3000)], [np.arange(50)])
+    one = ShardDataset(tmp_path, "train", 8, 8, mode=mode, seed=5, micro_batch_size=2)
+    two = [ShardDataset(tmp_path, "train", 8, 8, mode=mode, seed=5, rank=r, world_size=2,
+                        micro_batch_size=2) for r in range(2)]
+    assert one.accum_steps == 4 and two[0].accum_steps == 2
+    for _ in range(3):
+        rows_one = sorted(x[i, 0].item() for x, _ in one.step_batches() for i in range(2))
+        rows_two = sorted(x[i, 0].item() for ds in two for x, _ in ds.step_batches()
+                          for i in range(2))
+        assert rows_one == rows_two
+
+
+def test_accumulation_must_divide(tmp_path: Path) -> None:
+    make_folder(tmp_path, [np.arange(3000)], [np.arange(50)])
+    with pytest.raises(ValueError, match="not divisible by data.micro_batch_size"):
+        ShardDataset(tmp_path, "train", 8, 8, micro_batch_size=3)
+    with pytest.raises(ValueError, match="2 processes"):
+        ShardDataset(tmp_path, "train", 8, 5, world_size=2)
 
 
 def test_dataset_errors(tmp_path: Path) -> None:

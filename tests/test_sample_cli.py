@@ -231,7 +231,8 @@ def test_in_process_errors(run_dir: Path, tmp_path: Path, capsys) -> None:  # ty
     assert "prompt file not found" in capsys.readouterr().err
     assert main(["--checkpoint", str(run_dir), "--prompt", "a", "--device", "nonsense"]) == 2
     assert "device" in capsys.readouterr().err
-    torch.save({"model": {}, "model_config": {"n_embd": 30, "n_head": 4}},
+    torch.save({"model": {}, "model_config": {"n_embd": 30, "n_head": 4, "vocab_size": 10,
+                                              "block_size": 8, "n_layer": 1}},
                tmp_path / "bad.pt")
     assert main(["--checkpoint", str(tmp_path / "bad.pt"), "--prompt", "a"]) == 2
     assert "divisible" in capsys.readouterr().err

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Union, get_type_hints
 
+from smallgpt.model import GPTConfig
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -28,7 +30,6 @@ else:  # pragma: no cover
 
 __all__ = [
     "ConfigError",
-    "ModelSection",
     "DataSection",
     "OptimSection",
     "TrainConfig",
@@ -41,6 +42,8 @@ __all__ = [
     "config_to_dict",
     "config_from_dict",
     "validate",
+    "default_out",
+    "build_config",
 ]
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
@@ -50,44 +53,41 @@ class ConfigError(ValueError):
     """A configuration key or value is invalid."""
 
 
-@dataclass
-class ModelSection:
-    """Model shape; mirrors :class:`smallgpt.model.GPTConfig`.
-
-    ``vocab_size = 0`` takes the vocabulary size from the data folder's ``meta.json``
-    (rounded up to a multiple of ``vocab_multiple`` for faster matmuls).
-    """
-
-    vocab_size: int = 0
-    vocab_multiple: int = 64
-    block_size: int = 256
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
-    dropout: float = 0.0
-    bias: bool = True
-    activation: str = "gelu_tanh"
-    tie_embeddings: bool = True
-    position: str = "learned"
-    rope_theta: float = 10000.0
+def _default_model() -> GPTConfig:
+    # GPTConfig's own defaults (GPT-2 small's shape), except that the vocabulary comes from the
+    # data folder unless set.
+    return GPTConfig(vocab_size=0)
 
 
 @dataclass
 class DataSection:
-    """Where batches come from.
+    """Where batches come from, and how many per optimizer step.
 
     ``path = ""`` means the bundled Tiny Shakespeare, tokenized on first use into
-    ``cache_dir`` (default ``~/.cache/smallgpt``). ``batch_size`` is per device and per
-    micro-step; tokens per optimizer step = ``batch_size * block_size * grad_accum *
-    world_size``. ``quickstart_vocab`` is the BPE vocabulary trained for the bundled text.
-    Evaluations read the first ``eval_tokens`` tokens of the validation split (0: all of it);
-    the final evaluation reads the whole split when ``final_eval_full`` is true.
+    ``cache_dir`` (default ``~/.cache/smallgpt``) with a BPE of ``quickstart_vocab`` tokens.
+
+    ``batch_size`` is the **global** batch: sequences per optimizer step, over all processes
+    and micro-steps (tokens per step = ``batch_size * model.block_size``, whatever the number
+    of GPUs). ``micro_batch_size`` is the sequences one process runs through one
+    forward/backward pass (0: ``batch_size / world_size``, no accumulation); accumulation is
+    ``batch_size / (micro_batch_size * world_size)`` and must divide evenly.
+
+    ``seq_len`` is the length of the training and evaluation windows (0: ``model.block_size``;
+    shorter windows train a long-context model, e.g. a pretrained GPT-2, on less memory).
+
+    ``model.vocab_size = 0`` takes the vocabulary size from the data folder, rounded up to a
+    multiple of ``vocab_multiple`` (faster matmuls). Evaluations read the first
+    ``eval_tokens`` tokens of the validation split (0: all of it), always the same tokens; the
+    final evaluation reads the whole split when ``final_eval_full`` is true.
     """
 
     path: str = ""
     cache_dir: str = ""
     quickstart_vocab: int = 512
     batch_size: int = 32
+    micro_batch_size: int = 0
+    seq_len: int = 0
+    vocab_multiple: int = 64
     sampling: str = "random"
     eval_tokens: int = 0
     final_eval_full: bool = True
@@ -96,7 +96,7 @@ class DataSection:
 
 @dataclass
 class OptimSection:
-    """AdamW, warmup + cosine schedule, clipping and accumulation.
+    """Optimizer, warmup + cosine schedule, clipping.
 
     The LR warms up linearly over ``warmup_steps`` and then follows a cosine from ``lr`` to
     ``min_lr``. Progress along the cosine is ``step / decay_steps`` (``decay_steps = 0``:
@@ -113,17 +113,26 @@ class OptimSection:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0
-    grad_accum: int = 1
 
 
 @dataclass
 class TrainConfig:
-    """Everything a training run needs; serialised into every checkpoint."""
+    """Everything a training run needs; serialised into every checkpoint.
 
-    model: ModelSection = field(default_factory=ModelSection)
+    ``model`` is a :class:`smallgpt.model.GPTConfig` itself: the ``[model]`` section takes
+    its fields, defaults and validation. ``out = ""`` lets the command line name the run
+    folder after the preset, config file or data folder. ``parallel``: ``"auto"`` (DDP when
+    torchrun starts several processes), ``"none"``, ``"ddp"`` or ``"fsdp"`` (FSDP2).
+    ``threads = 0`` picks one CPU thread per idle core (and ``--resume`` reuses the count the
+    run started with). ``init_from`` starts from a pretrained model (a Hugging Face GPT-2
+    folder, a run folder or a checkpoint file): its weights and shape, a fresh optimizer.
+    """
+
+    model: GPTConfig = field(default_factory=_default_model)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
-    out: str = "out/run"
+    out: str = ""
+    init_from: str = ""
     max_steps: int = 5000
     max_time: float = 0.0
     eval_interval: int = 250
@@ -132,16 +141,27 @@ class TrainConfig:
     keep_last: int = 2
     device: str = "auto"
     dtype: str = "auto"
+    parallel: str = "auto"
     compile: bool = False
     grad_checkpointing: bool = False
-    threads: int = 0  # CPU intra-op threads; 0 = auto (idle cores, see train.auto_threads)
+    threads: int = 0
     seed: int = 1337
     tensorboard: bool = False
+    wandb: str = ""
+    trackio: str = ""
     progress: bool = True
     plot: bool = True
 
 
-_SECTIONS = {"model": ModelSection, "data": DataSection, "optim": OptimSection}
+# Keys that existed before and moved; a clear hint beats the list of valid keys.
+_MOVED = {
+    "optim.grad_accum": "optim.grad_accum is gone: set the global batch data.batch_size "
+    "(sequences per optimizer step, all processes) and data.micro_batch_size (per process); "
+    "accumulation is derived",
+    "model.vocab_multiple": "model.vocab_multiple moved to data.vocab_multiple",
+}
+
+_SECTIONS = {"model": GPTConfig, "data": DataSection, "optim": OptimSection}
 
 
 def _field_types(cls: type) -> Dict[str, Any]:
@@ -160,6 +180,8 @@ def valid_keys() -> List[str]:
 
 
 def _unknown(key: str) -> ConfigError:
+    if key in _MOVED:
+        return ConfigError(_MOVED[key])
     return ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(valid_keys())}")
 
 
@@ -259,6 +281,12 @@ def load_toml(path: Union[str, Path]) -> Dict[str, Any]:
             return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a folder") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a TOML file (it is not UTF-8 text)") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML ({e})") from None
 
@@ -293,28 +321,43 @@ def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
     return merge_dict(TrainConfig(), data, source="checkpoint config")
 
 
+def _non_finite(cfg: TrainConfig) -> Optional[str]:
+    for section in (None, *_SECTIONS):
+        obj = cfg if section is None else getattr(cfg, section)
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                return f"{section + '.' if section else ''}{f.name} must be a finite number"
+    return None
+
+
 def validate(cfg: TrainConfig) -> None:
     """Check value ranges; raise :class:`ConfigError` with the first problem found."""
-    m, d, o = cfg.model, cfg.data, cfg.optim
+    bad = _non_finite(cfg)
+    if bad:
+        raise ConfigError(bad)
+    try:
+        cfg.model.validate()
+    except ValueError as e:
+        raise ConfigError(f"model.{e}") from None
+    d, o = cfg.data, cfg.optim
+    if d.seq_len > cfg.model.block_size and not cfg.init_from:
+        raise ConfigError(f"data.seq_len ({d.seq_len}) exceeds model.block_size "
+                          f"({cfg.model.block_size})")
     checks = [
-        (m.n_layer >= 1, "model.n_layer must be >= 1"),
-        (m.n_head >= 1, "model.n_head must be >= 1"),
-        (m.n_embd >= 1, "model.n_embd must be >= 1"),
-        (m.block_size >= 1, "model.block_size must be >= 1"),
-        (m.vocab_size >= 0, "model.vocab_size must be >= 0 (0 = from the data)"),
-        (m.vocab_multiple >= 1, "model.vocab_multiple must be >= 1"),
-        (0.0 <= m.dropout < 1.0, "model.dropout must be in [0, 1)"),
-        (m.activation in ("relu", "gelu", "gelu_tanh"),
-         f"model.activation must be relu, gelu or gelu_tanh, got {m.activation!r}"),
-        (m.position in ("learned", "rope"),
-         f"model.position must be learned or rope, got {m.position!r}"),
         (d.batch_size >= 1, "data.batch_size must be >= 1"),
+        (d.micro_batch_size >= 0, "data.micro_batch_size must be >= 0 (0 = no accumulation)"),
+        (d.micro_batch_size <= d.batch_size,
+         f"data.micro_batch_size ({d.micro_batch_size}) exceeds data.batch_size "
+         f"({d.batch_size}), the global batch"),
+        (d.vocab_multiple >= 1, "data.vocab_multiple must be >= 1"),
+        (d.seq_len >= 0, "data.seq_len must be >= 0 (0 = model.block_size)"),
         (d.eval_batch_size >= 0, "data.eval_batch_size must be >= 0"),
         (d.eval_tokens >= 0, "data.eval_tokens must be >= 0"),
         (d.sampling in ("random", "sequential"),
          f"data.sampling must be random or sequential, got {d.sampling!r}"),
         (d.quickstart_vocab >= 256 + 1, "data.quickstart_vocab must be >= 257"),
-        (o.lr > 0 and math.isfinite(o.lr), f"optim.lr must be positive, got {o.lr}"),
+        (o.lr > 0, f"optim.lr must be positive, got {o.lr}"),
         (0 <= o.min_lr <= o.lr, f"optim.min_lr must be in [0, lr], got {o.min_lr}"),
         (o.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
         (o.decay_steps >= 0, "optim.decay_steps must be >= 0"),
@@ -322,7 +365,6 @@ def validate(cfg: TrainConfig) -> None:
         (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1/beta2 must be in [0, 1)"),
         (o.eps > 0, "optim.eps must be positive"),
         (o.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 disables clipping)"),
-        (o.grad_accum >= 1, "optim.grad_accum must be >= 1"),
         (cfg.max_steps >= 0, "max_steps must be >= 0"),
         (cfg.max_time >= 0, "max_time must be >= 0 (0 = no limit)"),
         (cfg.eval_interval >= 0, "eval_interval must be >= 0"),
@@ -331,19 +373,33 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.keep_last >= 0, "keep_last must be >= 0"),
         (cfg.dtype in ("auto", "float32", "bfloat16", "float16"),
          f"dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}"),
+        (cfg.parallel in ("auto", "none", "ddp", "fsdp"),
+         f"parallel must be auto, none, ddp or fsdp, got {cfg.parallel!r}"),
         (cfg.threads >= 0, "threads must be >= 0"),
+        (0 <= cfg.seed <= _MAX_SEED, f"seed must be in [0, 2**62], got {cfg.seed}"),
     ]
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
-    if m.n_embd % m.n_head != 0:
-        raise ConfigError(
-            f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})"
-        )
-    if m.position == "rope" and (m.n_embd // m.n_head) % 2 != 0:
-        raise ConfigError("rope needs an even head size (n_embd / n_head)")
     if cfg.max_steps == 0 and cfg.max_time == 0:
         raise ConfigError("set max_steps or max_time (both are 0)")
+
+
+_MAX_SEED = 2**62  # torch seeds are 64-bit; ranks add their index
+
+
+def default_out(cfg: TrainConfig, preset: Optional[str] = None,
+                config_file: Optional[str] = None) -> str:
+    """The run folder when none is named: ``out/<config file stem>``, else
+    ``out/<data folder name>``, else ``out/<preset>``, else ``out/run``."""
+    if cfg.out:
+        return cfg.out
+    if config_file:
+        return f"out/{Path(config_file).stem}"
+    if cfg.data.path:
+        name = Path(cfg.data.path).resolve().name
+        return f"out/{name or 'run'}"
+    return f"out/{preset or 'run'}"
 
 
 def build_config(

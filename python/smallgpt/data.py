@@ -13,13 +13,19 @@ A data folder holds ``train_*.bin``, ``val_*.bin``, ``tokenizer.json`` and ``met
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "HEADER_INTS",
@@ -32,6 +38,9 @@ __all__ = [
     "load_meta",
     "split_files",
     "ShardDataset",
+    "accumulation_steps",
+    "default_cache_dir",
+    "prepare_shakespeare",
 ]
 
 HEADER_INTS = 256
@@ -215,22 +224,31 @@ class _Shards:
         return np.array([len(a) for a in self.arrays], dtype=np.int64)
 
 
+Window = Tuple[int, int, int]  # (shard, start, number of predicted tokens)
+
+
 class ShardDataset:
-    """Batches of ``(x, y)`` windows from a split of a shard folder.
+    """Batches of ``(x, y)`` windows from a split of a shard folder, global batch first.
+
+    ``batch_size`` is the **global** batch: the sequences of one optimizer step over all
+    ``world_size`` ranks and all micro-steps. Each rank reads ``micro_batch_size`` sequences
+    per forward/backward pass and ``accum_steps = batch_size / (micro_batch_size *
+    world_size)`` passes per step. The global batch of a step is chosen the same way whatever
+    the world size, and its rows are dealt to ranks and micro-steps in a fixed order, so one
+    process with accumulation and eight processes without it see the same sequences in every
+    optimizer step (and a run can resume on another number of processes without changing its
+    data order).
 
     Two modes:
 
-    * ``"random"``: every batch row is a window starting at a uniformly random position of
-      the split (shards weighted by the number of windows they hold). Each DDP rank draws from
-      its own RNG stream (``seed``, ``rank``), so ranks see different data.
+    * ``"random"``: every row is a window starting at a uniformly random position of the split
+      (shards weighted by the number of windows they hold), drawn from one RNG seeded with
+      ``seed``.
     * ``"sequential"``: one pass after another over the split in order, with non-overlapping
-      windows of ``block_size`` tokens; the rows of a global batch are dealt round-robin to the
-      ranks, so each rank reads its own part and together they cover every window once per
-      epoch.
+      windows of ``block_size`` tokens.
 
-    ``y`` is ``x`` shifted by one token. Batches are ``torch.int64`` tensors of shape
-    ``(batch_size, block_size)``. :meth:`state_dict` / :meth:`load_state_dict` capture the
-    cursor and RNG state so a resumed run continues with exactly the same batches.
+    ``y`` is ``x`` shifted by one token; batches are ``torch.int64`` tensors. :meth:`state_dict`
+    / :meth:`load_state_dict` capture the cursor and RNG state between optimizer steps.
     """
 
     def __init__(
@@ -243,13 +261,16 @@ class ShardDataset:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        micro_batch_size: int = 0,
     ) -> None:
         if mode not in ("random", "sequential"):
             raise ValueError(f"unknown sampling mode {mode!r} (use 'random' or 'sequential')")
-        if block_size < 1 or batch_size < 1:
+        if block_size < 1 or batch_size < 1 or micro_batch_size < 0:
             raise ValueError("block_size and batch_size must be positive")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} out of range for world_size {world_size}")
+        self.accum_steps = accumulation_steps(batch_size, micro_batch_size, world_size)
+        self.micro_batch_size = batch_size // (self.accum_steps * world_size)
         self.data_dir = Path(data_dir)
         self.meta = load_meta(self.data_dir)
         self.split = split
@@ -263,21 +284,15 @@ class ShardDataset:
         self.world_size = world_size
         sizes = self.shards.sizes
         # A window needs block_size + 1 tokens (x plus the shifted target).
-        self._windows_random = np.maximum(sizes - block_size, 0)
-        self._windows_seq = np.maximum((sizes - 1) // block_size, 0)
-        if mode == "random" and self._windows_random.sum() == 0:
+        windows = np.maximum(sizes - block_size, 0) if mode == "random" else \
+            np.maximum((sizes - 1) // block_size, 0)
+        if windows.sum() == 0:
             raise ValueError(
                 f"{split} split of {self.data_dir} is too small ({int(sizes.sum())} tokens) "
                 f"for block_size {block_size}"
             )
-        if mode == "sequential" and self._windows_seq.sum() == 0:
-            raise ValueError(
-                f"{split} split of {self.data_dir} is too small ({int(sizes.sum())} tokens) "
-                f"for block_size {block_size}"
-            )
-        self._cum_random = np.cumsum(self._windows_random)
-        self._cum_seq = np.cumsum(self._windows_seq)
-        self._rng = np.random.default_rng([seed, rank])
+        self._cum = np.cumsum(windows)
+        self._rng = np.random.default_rng(seed)
         self._cursor = 0  # global window index of the next sequential batch
         self.epoch = 0
 
@@ -286,107 +301,127 @@ class ShardDataset:
         """Total tokens in the split."""
         return int(self.shards.sizes.sum())
 
-    @property
-    def max_token(self) -> int:
-        """Largest token id in the split (scans the shards; use for validation only)."""
-        return max((int(a.max()) for a in self.shards.arrays if len(a)), default=0)
+    def max_token(self, chunk: int = 1 << 24) -> int:
+        """Largest token id in the split (reads every shard once, ``chunk`` tokens at a time)."""
+        best = 0
+        for a in self.shards.arrays:
+            for i in range(0, len(a), chunk):
+                best = max(best, int(a[i : i + chunk].max()))
+        return best
 
-    def _gather(self, cum: np.ndarray, window_ids: np.ndarray, stride: int) -> np.ndarray:
-        """Rows of ``block_size + 1`` tokens for global window ids (``stride`` between starts)."""
+    def _gather(self, window_ids: np.ndarray) -> np.ndarray:
+        """Rows of ``block_size + 1`` tokens for global window ids."""
+        stride = 1 if self.mode == "random" else self.block_size
         rows = np.empty((len(window_ids), self.block_size + 1), dtype=np.int64)
-        shard_idx = np.searchsorted(cum, window_ids, side="right")
+        shard_idx = np.searchsorted(self._cum, window_ids, side="right")
         for i, (w, s) in enumerate(zip(window_ids, shard_idx)):
-            local = int(w) - (int(cum[s - 1]) if s > 0 else 0)
+            local = int(w) - (int(self._cum[s - 1]) if s > 0 else 0)
             start = local * stride
             rows[i] = self.shards.arrays[s][start : start + self.block_size + 1]
         return rows
 
-    def next_batch(self) -> Tuple[torch.Tensor, torch.Tensor]:  # noqa: F821
-        """Return the next ``(x, y)`` batch for this rank."""
+    def _next_global_ids(self) -> np.ndarray:
+        total = int(self._cum[-1])
+        if self.mode == "random":
+            return self._rng.integers(0, total, size=self.batch_size)
+        ids = (self._cursor + np.arange(self.batch_size)) % total
+        self._cursor += self.batch_size
+        if self._cursor >= total:
+            self.epoch += self._cursor // total
+            self._cursor %= total
+        return ids
+
+    def step_batches(self) -> List[Tuple[torch.Tensor, torch.Tensor]]:  # noqa: F821
+        """This rank's ``accum_steps`` micro-batches of the next optimizer step.
+
+        Rank ``r`` reads rows ``[r * n, (r + 1) * n)`` of the global batch (``n = batch_size /
+        world_size``), in micro-batches of ``micro_batch_size`` rows.
+        """
         import torch
 
-        if self.mode == "random":
-            ids = self._rng.integers(0, int(self._cum_random[-1]), size=self.batch_size)
-            rows = self._gather(self._cum_random, ids, stride=1)
-        else:
-            total = int(self._cum_seq[-1])
-            glob = self._cursor + self.rank + self.world_size * np.arange(self.batch_size)
-            self._cursor += self.batch_size * self.world_size
-            if self._cursor >= total:
-                self.epoch += self._cursor // total
-                self._cursor %= total
-            rows = self._gather(self._cum_seq, glob % total, stride=self.block_size)
-        t = torch.from_numpy(rows)
-        return t[:, :-1], t[:, 1:]
+        ids = self._next_global_ids()
+        n = self.batch_size // self.world_size
+        mine = self._gather(ids[self.rank * n : (self.rank + 1) * n])
+        t = torch.from_numpy(mine)
+        m = self.micro_batch_size
+        return [(t[i : i + m, :-1], t[i : i + m, 1:]) for i in range(0, n, m)]
 
-    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:  # noqa: F821
-        while True:
-            yield self.next_batch()
+    def next_batch(self) -> Tuple[torch.Tensor, torch.Tensor]:  # noqa: F821
+        """This rank's whole share of the next global batch as one ``(x, y)`` pair."""
+        import torch
+
+        parts = self.step_batches()
+        return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
+
+    def eval_windows(self, max_tokens: int = 0) -> List[Window]:
+        """Consecutive windows over the whole split (all ranks), cut where needed.
+
+        Every token except the very first of each shard is predicted exactly once. With
+        ``max_tokens > 0`` only the first windows are kept, as many as it takes to predict
+        ``max_tokens`` tokens: so the windows of a smaller budget are always a prefix of those
+        of a larger one, and a whole-split pass also yields the smaller sample's figures.
+        """
+        T = self.block_size
+        windows: List[Window] = []
+        predicted = 0
+        for s, arr in enumerate(self.shards.arrays):
+            start = 0
+            while start < len(arr) - 1:
+                if 0 < max_tokens <= predicted:
+                    return windows
+                length = min(T, len(arr) - 1 - start)
+                windows.append((s, start, length))
+                predicted += length
+                start += length
+        return windows
 
     def iter_eval(
-        self, max_tokens: int = 0
-    ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:  # noqa: F821
-        """One deterministic pass over this rank's part of the split for evaluation.
+        self, max_tokens: int = 0, batch_size: int = 0, equal_batches: bool = False
+    ) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:  # noqa: F821
+        """One deterministic pass over this rank's windows of :meth:`eval_windows`.
 
-        The split (or its first ``max_tokens`` tokens when ``max_tokens > 0``) is cut into
-        consecutive windows; every token except the very first of each shard is predicted
-        exactly once (a final short window is padded with target ``-1``, which the loss
-        ignores). Windows are dealt round-robin to the ranks. Does not touch the training
-        cursor or RNG.
+        Yields ``(x, y, index)``: ``index`` holds each row's position in the global window
+        list (so a caller can also sum over a prefix). Windows are dealt round-robin to the
+        ranks; a short final window is padded with target ``-1``, which the loss ignores.
+        With ``equal_batches`` every rank yields the same number of batches (a rank with fewer
+        windows gets a last batch of padding rows, index ``-1``): FSDP needs every rank to run
+        the same forward passes. Does not touch the training cursor or RNG.
         """
         import torch
 
         T = self.block_size
-        windows: List[Tuple[int, int, int]] = []  # (shard, start, length)
-        budget = max_tokens if max_tokens > 0 else None
-        for s, arr in enumerate(self.shards.arrays):
-            n = len(arr)
-            if budget is not None:
-                n = min(n, budget)
-                budget -= n
-            start = 0
-            while start < n - 1:
-                length = min(T, n - 1 - start)
-                windows.append((s, start, length))
-                start += length
-            if budget is not None and budget <= 0:
-                break
-        mine = windows[self.rank :: self.world_size]
-        for i in range(0, len(mine), self.batch_size):
-            chunk = mine[i : i + self.batch_size]
+        bs = batch_size or self.micro_batch_size
+        windows = self.eval_windows(max_tokens)
+        mine = list(range(self.rank, len(windows), self.world_size))
+        most = math.ceil(len(windows) / self.world_size) if equal_batches else len(mine)
+        n_batches = math.ceil(most / bs)
+        for b in range(n_batches):
+            chunk = mine[b * bs : (b + 1) * bs] or [-1]
             x = torch.zeros((len(chunk), T), dtype=torch.int64)
             y = torch.full((len(chunk), T), -1, dtype=torch.int64)
-            for r, (s, start, length) in enumerate(chunk):
+            for r, w in enumerate(chunk):
+                if w < 0:
+                    continue
+                s, start, length = windows[w]
                 seg = torch.from_numpy(
                     self.shards.arrays[s][start : start + length + 1].astype(np.int64)
                 )
                 x[r, :length] = seg[:-1]
                 y[r, :length] = seg[1:]
-            yield x, y
+            yield x, y, torch.tensor(chunk, dtype=torch.int64)
 
     def eval_token_count(self, max_tokens: int = 0) -> int:
         """Number of predicted tokens in a full :meth:`iter_eval` pass over all ranks."""
-        total = 0
-        budget = max_tokens if max_tokens > 0 else None
-        for arr in self.shards.arrays:
-            n = len(arr)
-            if budget is not None:
-                n = min(n, budget)
-                budget -= n
-            total += max(n - 1, 0)
-            if budget is not None and budget <= 0:
-                break
-        return total
+        return sum(length for _, _, length in self.eval_windows(max_tokens))
 
     def state_dict(self) -> Dict[str, Any]:
-        """Cursor, epoch and RNG state, enough to resume with identical batches."""
+        """Cursor, epoch and RNG state (between optimizer steps), enough to resume exactly."""
         return {
             "mode": self.mode,
             "cursor": self._cursor,
             "epoch": self.epoch,
             "rng": self._rng.bit_generator.state,
-            "rank": self.rank,
-            "world_size": self.world_size,
+            "batch_size": self.batch_size,
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -394,6 +429,79 @@ class ShardDataset:
         self._cursor = int(state["cursor"])
         self.epoch = int(state.get("epoch", 0))
         self._rng.bit_generator.state = state["rng"]
+
+
+def accumulation_steps(batch_size: int, micro_batch_size: int, world_size: int) -> int:
+    """Micro-steps per optimizer step: ``batch_size / (micro_batch_size * world_size)``.
+
+    ``micro_batch_size = 0`` means one micro-step (``batch_size / world_size`` rows per rank).
+
+    Raises:
+        ValueError: when the global batch does not divide into equal micro-batches.
+    """
+    if micro_batch_size == 0:
+        if batch_size % world_size:
+            raise ValueError(f"data.batch_size ({batch_size}) is not divisible by the "
+                             f"{world_size} processes; set it to a multiple of {world_size}")
+        return 1
+    per_step = micro_batch_size * world_size
+    if batch_size % per_step:
+        raise ValueError(
+            f"data.batch_size ({batch_size}) is not divisible by data.micro_batch_size "
+            f"({micro_batch_size}) x {world_size} process(es) = {per_step}"
+        )
+    return batch_size // per_step
+
+
+# ---------------------------------------------------------------- the bundled quickstart data
+
+
+def default_cache_dir() -> Path:
+    """``$SMALLGPT_CACHE`` or ``$XDG_CACHE_HOME/smallgpt`` or ``~/.cache/smallgpt``."""
+    if os.environ.get("SMALLGPT_CACHE"):
+        return Path(os.environ["SMALLGPT_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "smallgpt"
+
+
+def prepare_shakespeare(cache_dir: PathLike, vocab_size: int = 512) -> Path:
+    """Tokenize the bundled Tiny Shakespeare into a shard folder (once) and return it.
+
+    The first 90% of the characters are the training split and the last 10% the validation
+    split, as in nanoGPT. A byte-level BPE tokenizer of ``vocab_size`` tokens (GPT-4 split
+    pattern, one ``<|endoftext|>`` special token) is trained on the training split. The
+    folder name includes the vocabulary size and a hash of the text, so the cache is reused
+    until either changes; a folder left without ``meta.json`` (an interrupted first run) is
+    rebuilt.
+    """
+    from smallgpt.corpus import tokenize_corpus
+    from smallgpt.tokenizer import Tokenizer
+
+    text_path = Path(__file__).resolve().parent / "assets" / "tinyshakespeare.txt"
+    text = text_path.read_text(encoding="utf-8")
+    digest = hashlib.sha1(text.encode("utf-8")).hexdigest()[:10]
+    out = Path(cache_dir).expanduser() / f"tinyshakespeare-bpe{vocab_size}-{digest}"
+    if (out / "meta.json").exists():
+        return out
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        # The tokenizer sees only the training split; the shards come from the same Rust
+        # pipeline as `smallgpt-tokenize` (which splits a single document nanoGPT's way).
+        tok = Tokenizer.train([text[: int(len(text) * 0.9)]], vocab_size=vocab_size,
+                              pattern="gpt4", special_tokens=("<|endoftext|>",))
+        tokenize_corpus([text_path], tmp, tokenizer=tok, val_fraction=0.1, overwrite=True)
+        if out.exists() and not (out / "meta.json").exists():
+            shutil.rmtree(out, ignore_errors=True)  # our own cache, left half-made
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if not (out / "meta.json").exists():  # lost a race only if the winner finished
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def tokenize_corpus(*args: Any, **kwargs: Any) -> Dict[str, Any]:

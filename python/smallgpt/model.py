@@ -32,6 +32,7 @@ __all__ = ["GPT", "GPTConfig", "KVCache"]
 
 _ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
 _POSITIONS = ("learned", "rope")
+_SHAPE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")
 
 # Hugging Face `activation_function` names and the exact function each one computes.
 _HF_TO_ACT = {
@@ -77,32 +78,40 @@ class GPTConfig:
     layer_norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
+        try:
+            self.validate()
+        except ValueError as e:
+            raise ValueError(f"GPTConfig.{e}") from None
+
+    def validate(self) -> None:
+        """Check every field; raise ``ValueError`` naming the first bad one (``field: why``).
+
+        ``vocab_size = 0`` is allowed here and means "not known yet" (the trainer takes it
+        from the data); :class:`GPT` refuses such a config.
+        """
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+            low = 0 if name == "vocab_size" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                what = "a non-negative" if low == 0 else "a positive"
+                raise ValueError(f"{name} must be {what} integer, got {value!r}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(
-                f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
             )
         if not 0.0 <= float(self.dropout) < 1.0:
-            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.activation not in _ACTIVATIONS:
-            raise ValueError(
-                f"GPTConfig.activation must be one of {_ACTIVATIONS}, got {self.activation!r}"
-            )
+            raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {self.activation!r}")
         if self.position not in _POSITIONS:
-            raise ValueError(
-                f"GPTConfig.position must be one of {_POSITIONS}, got {self.position!r}"
-            )
+            raise ValueError(f"position must be one of {_POSITIONS}, got {self.position!r}")
         if self.position == "rope" and (self.n_embd // self.n_head) % 2 != 0:
-            raise ValueError("rotary positions need an even head size (n_embd // n_head)")
+            raise ValueError("position: rotary positions need an even head size "
+                             "(n_embd // n_head)")
         if not float(self.rope_theta) > 0.0:
-            raise ValueError(f"GPTConfig.rope_theta must be positive, got {self.rope_theta!r}")
+            raise ValueError(f"rope_theta must be positive, got {self.rope_theta!r}")
         if not float(self.layer_norm_eps) > 0.0:
-            raise ValueError(
-                f"GPTConfig.layer_norm_eps must be positive, got {self.layer_norm_eps!r}"
-            )
+            raise ValueError(f"layer_norm_eps must be positive, got {self.layer_norm_eps!r}")
 
     @property
     def head_dim(self) -> int:
@@ -115,13 +124,21 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
-        """Build a config from a dict, rejecting unknown keys with a ``ValueError``."""
+        """Build a config from a dict (as saved in checkpoints).
+
+        Unknown keys and missing shape keys (``vocab_size``, ``block_size``, ``n_layer``,
+        ``n_head``, ``n_embd``) raise ``ValueError``; missing option keys take their defaults,
+        which are what older files meant.
+        """
         valid = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - valid)
         if unknown:
             raise ValueError(
                 f"unknown GPTConfig key(s) {unknown}; valid keys: {sorted(valid)}"
             )
+        missing = [k for k in _SHAPE_KEYS if k not in d]
+        if missing:
+            raise ValueError(f"GPTConfig is missing {', '.join(missing)}")
         return cls(**d)
 
 
@@ -324,6 +341,9 @@ class GPT(nn.Module):
         super().__init__()
         if not isinstance(config, GPTConfig):
             raise TypeError(f"expected a GPTConfig, got {type(config).__name__}")
+        config.validate()
+        if config.vocab_size == 0:
+            raise ValueError("GPTConfig.vocab_size is 0 (not set); give the vocabulary size")
         self.config = config
         self.gradient_checkpointing = False
 

@@ -127,112 +127,27 @@ def _device(name: str | None) -> Any:
     return dev
 
 
-def _is_hf_folder(path: Path) -> bool:
-    return (path / "config.json").is_file() and (
-        (path / "model.safetensors").is_file() or (path / "pytorch_model.bin").is_file()
-    )
-
-
-def _load_torch(path: Path) -> dict:
-    import pickle
-
-    import torch
-
-    try:
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            if "weights only load failed" not in str(e).lower():
-                raise
-            # Training checkpoints also hold RNG/optimizer state that the safe loader may
-            # refuse; they are files the user produced with smallgpt-train.
-            obj = torch.load(str(path), map_location="cpu", weights_only=False)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise _UsageError(f"cannot read checkpoint {path}: {reason}") from None
-    if not isinstance(obj, dict) or "model" not in obj or "model_config" not in obj:
-        raise _UsageError(f"{path} is not a smallgpt checkpoint (no 'model'/'model_config')")
-    return obj
-
-
-def _pick_checkpoint(folder: Path) -> Path:
-    for name in ("ckpt_best.pt", "ckpt_latest.pt"):
-        if (folder / name).is_file():
-            return folder / name
-    numbered = sorted(folder.glob("ckpt_*.pt"))
-    if numbered:
-        return numbered[-1]
-    raise _UsageError(
-        f"no checkpoint in {folder} (expected ckpt_best.pt / ckpt_latest.pt, or a Hugging Face "
-        "GPT-2 folder with config.json and model.safetensors)"
-    )
-
-
 def load_for_sampling(
     checkpoint: str | os.PathLike, gpt2_vocab: str | os.PathLike | None = None
 ) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` from a run folder, a checkpoint file or a HF GPT-2 folder.
 
-    Raises ``ValueError`` on bad input. The model is in eval mode on the CPU.
+    See :func:`smallgpt.checkpoint.load_model`. Raises ``ValueError`` on bad input. The model
+    is in eval mode on the CPU.
     """
-    from smallgpt.model import GPT, GPTConfig
-    from smallgpt.tokenizer import Tokenizer
+    from smallgpt.checkpoint import CheckpointError, load_model
 
-    path = Path(checkpoint)
-    if not path.exists():
-        raise _UsageError(f"checkpoint not found: {path}")
-
-    if path.is_dir() and _is_hf_folder(path):
-        vocab_dir = Path(gpt2_vocab) if gpt2_vocab is not None else path
-        enc, bpe = vocab_dir / "encoder.json", vocab_dir / "vocab.bpe"
-        if not (enc.is_file() and bpe.is_file()):
-            raise _UsageError(
-                f"{path} is a Hugging Face GPT-2 folder: pass --gpt2-vocab DIR with "
-                "encoder.json and vocab.bpe"
-            )
-        tok = Tokenizer.from_gpt2(enc, bpe)
-        model = GPT.from_huggingface(path)
-        if tok.vocab_size > model.config.vocab_size:
-            raise _UsageError(
-                f"tokenizer has {tok.vocab_size} tokens but the model only "
-                f"{model.config.vocab_size}"
-            )
-        return model, tok
-
-    file = _pick_checkpoint(path) if path.is_dir() else path
-    ckpt = _load_torch(file)
     try:
-        config = GPTConfig.from_dict(dict(ckpt["model_config"]))
-    except (TypeError, ValueError) as e:
-        raise _UsageError(f"{file}: bad model_config: {e}") from None
-
-    tok_json = ckpt.get("tokenizer")
-    if isinstance(tok_json, str) and tok_json:
-        tok = Tokenizer.from_json_str(tok_json, source=f"{file}[tokenizer]")
-    elif (file.parent / "tokenizer.json").is_file():
-        tok = Tokenizer.load(file.parent / "tokenizer.json")
-    else:
-        raise _UsageError(f"{file} has no tokenizer and there is no tokenizer.json next to it")
-    if tok.vocab_size > config.vocab_size:
-        raise _UsageError(
-            f"tokenizer has {tok.vocab_size} tokens but the model only {config.vocab_size}"
-        )
-
-    state = {}
-    for key, value in ckpt["model"].items():
-        # torch.compile and DDP wrap the module; their prefixes are not part of the model.
-        for prefix in ("_orig_mod.", "module."):
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-        state[key] = value
-    model = GPT(config)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "mismatch"
-        raise _UsageError(f"{file}: weights do not match the model config: {first}") from None
-    model.eval()
-    return model, tok
+        loaded = load_model(checkpoint, gpt2_vocab)
+    except CheckpointError as e:
+        raise _UsageError(str(e)) from None
+    if loaded.tokenizer is None:
+        if loaded.kind == "huggingface":
+            raise _UsageError(f"{checkpoint} is a Hugging Face GPT-2 folder without tokenizer "
+                              "files: pass --gpt2-vocab DIR with encoder.json and vocab.bpe")
+        raise _UsageError(f"{loaded.source} has no tokenizer and there is no tokenizer.json "
+                          "next to it")
+    return loaded.model, loaded.tokenizer
 
 
 def _read_prompt(a: argparse.Namespace) -> str:

@@ -12,8 +12,12 @@ error that lists the valid ones.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-from typing import Dict, List, NoReturn, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, List, NoReturn, Optional, Sequence, Tuple
+
+if TYPE_CHECKING:
+    from smallgpt.config import TrainConfig
 
 PROG = "smallgpt-train"
 DEFAULT_PRESET = "shakespeare-cpu"
@@ -34,23 +38,49 @@ def _parser() -> _Parser:
         "--preset < --config < overrides/flags. Under torchrun the same command runs DDP.",
     )
     p.add_argument("--preset", help=f"packaged preset (default {DEFAULT_PRESET} unless "
-                   "--config or --resume is given); see --list-presets")
+                   "--config is given); see --list-presets")
     p.add_argument("--config", metavar="FILE.toml", help="TOML config file")
     p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
                    help="override a config key, e.g. --set optim.lr=1e-3 (repeatable)")
-    p.add_argument("--out", help="output folder (default ./out/<preset>)")
+    p.add_argument("--out", help="run folder (default: out/<config name, data folder or "
+                   "preset>)")
     p.add_argument("--data", help="shard folder (train_*.bin, val_*.bin, meta.json)")
     p.add_argument("--max-steps", type=int, help="stop after N optimizer steps (0 = no limit)")
     p.add_argument("--max-time", type=float, metavar="SECONDS",
                    help="stop after SECONDS of wall time, final eval and checkpoint included")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from <out>/ckpt_latest.pt (its config + your overrides)")
+    run = p.add_mutually_exclusive_group()
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in --out from ckpt_latest.pt (its config + your "
+                     "overrides)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="start afresh in a --out that holds another run, deleting its files")
+    p.add_argument("--init-from", metavar="PATH",
+                   help="start from a pretrained model: a Hugging Face GPT-2 folder, a run "
+                   "folder or a checkpoint file (fresh optimizer and schedule)")
+    p.add_argument("--eval-only", action="store_true",
+                   help="evaluate the whole validation split of --data with the --init-from "
+                   "or --resume model, print one JSON line, write nothing")
     p.add_argument("--log-interval", type=int, metavar="N", help="log metrics every N steps")
     p.add_argument("--eval-interval", type=int, metavar="N", help="evaluate every N steps")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="autocast dtype (auto: bf16 on CUDA/AMX CPUs, fp32 otherwise)")
-    p.add_argument("--compile", action="store_true", default=None, help="use torch.compile")
+                   help="autocast dtype (auto: bf16 on CUDA and bf16-capable CPUs, else fp32)")
+    p.add_argument("--parallel", choices=["auto", "none", "ddp", "fsdp"],
+                   help="auto: DDP under torchrun with several processes; ddp/fsdp also with "
+                   "one process")
+    p.add_argument("--ddp", dest="parallel", action="store_const", const="ddp",
+                   help="same as --parallel ddp")
+    for name, what in (("compile", "torch.compile the model"),
+                       ("grad-checkpointing", "recompute activations in the backward pass"),
+                       ("tensorboard", "also log to <out>/tensorboard"),
+                       ("progress", "progress bar / per-step lines"),
+                       ("plot", "draw loss_curve.png at the end")):
+        p.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None,
+                       help=what)
+    p.add_argument("--wandb", metavar="PROJECT", help="log to Weights & Biases (pip install "
+                   "'smallgpt[wandb]'; WANDB_MODE=offline works)")
+    p.add_argument("--trackio", metavar="PROJECT", help="log to trackio (local; pip install "
+                   "'smallgpt[trackio]')")
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--list-presets", action="store_true", help="print preset names and exit")
     p.add_argument("--print-config", action="store_true",
@@ -84,7 +114,7 @@ def _to_toml(d: Dict[str, object]) -> str:
         if isinstance(v, bool):
             return "true" if v else "false"
         if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            return json.dumps(v)  # a TOML basic string is a JSON string
         return repr(v)
 
     top = [f"{k} = {fmt(v)}" for k, v in d.items() if not isinstance(v, dict)]
@@ -95,90 +125,135 @@ def _to_toml(d: Dict[str, object]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def _overrides(args: argparse.Namespace, extra: Sequence[str],
+               parser: _Parser) -> Dict[str, object]:
+    overrides: Dict[str, object] = dict(_split_dotted(extra, parser))
+    for item in args.set:
+        if "=" not in item:
+            parser.error(f"--set expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        overrides[k.strip()] = v.strip()
+    flags = {
+        "data.path": args.data, "max_steps": args.max_steps, "max_time": args.max_time,
+        "log_interval": args.log_interval, "eval_interval": args.eval_interval,
+        "device": args.device, "dtype": args.dtype, "parallel": args.parallel,
+        "compile": args.compile, "grad_checkpointing": args.grad_checkpointing,
+        "tensorboard": args.tensorboard, "progress": args.progress, "plot": args.plot,
+        "wandb": args.wandb, "trackio": args.trackio, "seed": args.seed,
+        "init_from": args.init_from,
+    }
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    return overrides
+
+
+def resolve_config(args: argparse.Namespace,
+                   overrides: Dict[str, object]) -> Tuple[TrainConfig, bool]:
+    """The run's configuration and whether it resumes a checkpoint.
+
+    The run folder is ``--out``, else the ``out`` of the config file, else named after the
+    config file, the data folder or the preset; ``--resume`` continues the run found there,
+    with the preset, config file and overrides given now applied on top of its config.
+    """
+    from smallgpt.checkpoint import RunFolder
+    from smallgpt.config import (
+        ConfigError,
+        apply_overrides,
+        build_config,
+        config_from_dict,
+        default_out,
+    )
+
+    preset = args.preset
+    if preset is None and args.config is None:
+        preset = DEFAULT_PRESET
+    cfg = build_config(preset, args.config, overrides)
+    out = args.out or default_out(cfg, preset, args.config)
+    if args.resume or (args.eval_only and not args.init_from):
+        ckpt = RunFolder(out).load_latest()
+        if not ckpt.train_config:
+            raise ConfigError(f"{out}: the checkpoint has no training config to resume")
+        base = config_from_dict(ckpt.train_config)
+        cfg = build_config(args.preset, args.config, None, base=base)
+        apply_overrides(cfg, overrides)
+        cfg.out = out
+        return cfg, True
+    cfg.out = out
+    return cfg, False
+
+
+def _note_limits(args: argparse.Namespace, cfg: TrainConfig) -> None:
+    if args.max_steps and args.max_time is None and cfg.max_time > 0:
+        print(f"{PROG}: note: max_time = {cfg.max_time:g} s (from the preset or config) also "
+              "applies; add --max-time 0 to run all the steps", flush=True)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``smallgpt-train``; returns the exit status."""
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
+    if args.eval_only and not (args.init_from or args.resume or args.out):
+        parser.error("--eval-only needs a model: --init-from PATH or --resume/--out RUN")
+    overrides = _overrides(args, extra, parser)
 
-    from pathlib import Path
-
-    from smallgpt.config import (
-        ConfigError,
-        TrainConfig,
-        apply_overrides,
-        build_config,
-        config_to_dict,
-        list_presets,
-        validate,
-    )
+    from smallgpt.checkpoint import CheckpointError
+    from smallgpt.config import ConfigError, config_to_dict, list_presets, validate
+    from smallgpt.train.hardware import HardwareError
 
     if args.list_presets:
         print("\n".join(list_presets()))
         return 0
     try:
-        overrides: Dict[str, object] = _split_dotted(extra, parser)
-        for item in args.set:
-            if "=" not in item:
-                parser.error(f"--set expects KEY=VALUE, got {item!r}")
-            k, v = item.split("=", 1)
-            overrides[k.strip()] = v.strip()
-        flag_overrides = {
-            "data.path": args.data, "max_steps": args.max_steps, "max_time": args.max_time,
-            "log_interval": args.log_interval, "eval_interval": args.eval_interval,
-            "device": args.device, "dtype": args.dtype, "compile": args.compile,
-            "seed": args.seed,
-        }
-        overrides.update({k: v for k, v in flag_overrides.items() if v is not None})
-
-        preset = args.preset
-        if preset is None and args.config is None and not args.resume:
-            preset = DEFAULT_PRESET
-        out = args.out or (f"out/{preset}" if preset else None)
-
-        base: Optional[TrainConfig] = None
-        if args.resume:
-            from smallgpt.train import CKPT_LATEST, config_from_checkpoint
-
-            out_dir = Path(args.out or f"out/{args.preset or DEFAULT_PRESET}")
-            ckpt = out_dir / CKPT_LATEST
-            if not ckpt.exists():
-                raise ConfigError(f"--resume: no checkpoint {ckpt}")
-            base = config_from_checkpoint(ckpt)
-            out = str(out_dir)
-            preset = args.preset  # only re-applied when given explicitly
-        cfg = build_config(preset, args.config, None, base=base)
-        if out is not None:
-            cfg.out = out
-        apply_overrides(cfg, overrides)
+        cfg, resume = resolve_config(args, overrides)
         validate(cfg)
         if args.print_config:
             print(_to_toml(config_to_dict(cfg)), end="")
             return 0
-
-        from smallgpt.train import TrainingDiverged, TrainingError, train
-
-        try:
-            summary = train(cfg, resume=args.resume)
-        except TrainingDiverged as e:
-            print(f"{PROG}: error: {e}", file=sys.stderr)
-            return 1
-        except TrainingError as e:
-            print(f"{PROG}: error: {e}", file=sys.stderr)
-            return 2
-        if summary["stopped"] == "interrupt":
-            print(f"{PROG}: interrupted at step {summary['step']}; checkpoint saved in "
-                  f"{summary['out']} (continue with --resume)", file=sys.stderr)
-            return 130
-        return 0
-    except ConfigError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+        _note_limits(args, cfg)
+        model_keys = [k for k in overrides if k.startswith("model.")]
+        if args.eval_only:
+            return _eval_only(cfg, resume, model_keys)
+        return _train(cfg, resume, args.overwrite, model_keys)
+    except (ConfigError, CheckpointError, HardwareError) as e:
+        return _fail(e, 2)
     except KeyboardInterrupt:
         print(f"{PROG}: aborted", file=sys.stderr)
         return 130
-    except ImportError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+    except (ImportError, OSError) as e:
+        return _fail(e, 1)
+
+
+def _fail(e: BaseException, code: int) -> int:
+    text = str(e).strip().splitlines()
+    print(f"{PROG}: error: {text[0] if text else type(e).__name__}", file=sys.stderr)
+    return code
+
+
+def _train(cfg: TrainConfig, resume: bool, overwrite: bool, model_keys: List[str]) -> int:
+    from smallgpt.train import TrainingDiverged, TrainingError, train
+
+    try:
+        summary = train(cfg, resume=resume, overwrite=overwrite, model_overrides=model_keys)
+    except TrainingDiverged as e:
+        return _fail(e, 1)
+    except TrainingError as e:
+        return _fail(e, 2)
+    if summary["stopped"] == "interrupt":
+        print(f"{PROG}: interrupted at step {summary['step']}; checkpoint saved in "
+              f"{summary['out']} (continue with --resume)", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _eval_only(cfg: TrainConfig, resume: bool, model_keys: List[str]) -> int:
+    from smallgpt.train import TrainingError, evaluate_only
+
+    try:
+        result = evaluate_only(cfg, resume=resume, model_overrides=model_keys)
+    except TrainingError as e:
+        return _fail(e, 2)
+    if result is not None:  # rank 0 only
+        print(json.dumps(result), flush=True)
+    return 0
 
 
 if __name__ == "__main__":
