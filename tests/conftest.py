@@ -22,6 +22,14 @@ def sample_texts() -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A learnable synthetic shard folder (see helpers.synthetic_tokens)."""
+    from helpers import make_synthetic_shards
+
+    return make_synthetic_shards(tmp_path_factory.mktemp("shards"))
+
+
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not (SHARED / "tiktoken" / "cl100k_base.tiktoken").exists():
         pytest.skip(f"needs the shared data folder ({SHARED}) with the tiktoken rank files")

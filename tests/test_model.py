@@ -321,8 +321,10 @@ def test_save_huggingface_roundtrip(tmp_path, tie: bool) -> None:  # type: ignor
         assert torch.allclose(back(idx), m(idx), atol=1e-6)
 
 
-def test_save_huggingface_rejects_non_gpt2_shapes(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(ValueError, match="learned"):
-        GPT(tiny(position="rope")).save_huggingface(tmp_path)
-    with pytest.raises(ValueError, match="bias"):
-        GPT(tiny(bias=False)).save_huggingface(tmp_path)
+@pytest.mark.parametrize("option, value", [
+    ("position", "rope"), ("bias", False), ("activation", "relu2"), ("norm", "rmsnorm"),
+    ("norm_weight", False), ("qk_norm", True), ("logit_softcap", 15.0)])
+def test_save_huggingface_rejects_non_gpt2_shapes(tmp_path, option, value) -> None:  # type: ignore[no-untyped-def]  # noqa: E501
+    with pytest.raises(ValueError, match=option):
+        GPT(tiny(**{option: value})).save_huggingface(tmp_path / "x")
+    assert not (tmp_path / "x").exists()

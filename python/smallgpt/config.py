@@ -98,12 +98,18 @@ class DataSection:
 class OptimSection:
     """Optimizer, warmup + cosine schedule, clipping.
 
+    ``name = "adamw"``: AdamW (``lr``, ``weight_decay``, ``beta1``, ``beta2``, ``eps``) for
+    every parameter. ``name = "muon"``: Muon (``muon_lr``, ``muon_momentum``,
+    ``muon_weight_decay``) for the 2-D weights inside the blocks and AdamW with the settings
+    above for embeddings, head, norms and biases. Both follow one schedule.
+
     The LR warms up linearly over ``warmup_steps`` and then follows a cosine from ``lr`` to
     ``min_lr``. Progress along the cosine is ``step / decay_steps`` (``decay_steps = 0``:
     ``max_steps``); when ``max_time`` is set, progress is the larger of that and the fraction
     of the training time used, so a time-limited run always finishes its decay.
     """
 
+    name: str = "adamw"
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup_steps: int = 100
@@ -113,6 +119,9 @@ class OptimSection:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0
 
 
 @dataclass
@@ -357,7 +366,11 @@ def validate(cfg: TrainConfig) -> None:
         (d.sampling in ("random", "sequential"),
          f"data.sampling must be random or sequential, got {d.sampling!r}"),
         (d.quickstart_vocab >= 256 + 1, "data.quickstart_vocab must be >= 257"),
+        (o.name in ("adamw", "muon"), f"optim.name must be adamw or muon, got {o.name!r}"),
         (o.lr > 0, f"optim.lr must be positive, got {o.lr}"),
+        (o.muon_lr > 0, f"optim.muon_lr must be positive, got {o.muon_lr}"),
+        (0 <= o.muon_momentum < 1, "optim.muon_momentum must be in [0, 1)"),
+        (o.muon_weight_decay >= 0, "optim.muon_weight_decay must be >= 0"),
         (0 <= o.min_lr <= o.lr, f"optim.min_lr must be in [0, lr], got {o.min_lr}"),
         (o.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
         (o.decay_steps >= 0, "optim.decay_steps must be >= 0"),

@@ -30,8 +30,9 @@ from torch.utils.checkpoint import checkpoint
 
 __all__ = ["GPT", "GPTConfig", "KVCache"]
 
-_ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
+_ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "relu2")
 _POSITIONS = ("learned", "rope")
+_NORMS = ("layernorm", "rmsnorm")
 _SHAPE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")
 
 # Hugging Face `activation_function` names and the exact function each one computes.
@@ -61,7 +62,17 @@ class GPTConfig:
         tie_embeddings: Share the output head's weight with the token embedding.
         position: ``"learned"`` absolute position embeddings or ``"rope"`` rotary embeddings.
         rope_theta: Base of the rotary frequencies (``position="rope"`` only).
-        layer_norm_eps: Epsilon of every LayerNorm (GPT-2: 1e-5).
+        layer_norm_eps: Epsilon of every normalisation layer (GPT-2: 1e-5).
+        norm: ``"layernorm"`` (GPT-2) or ``"rmsnorm"`` (no mean subtraction, no bias).
+        norm_weight: Whether the norms have a learned gain; ``False`` makes them
+            parameter-free (nanochat).
+        qk_norm: RMS-normalise queries and keys per head (parameter-free) before attention.
+        logit_softcap: If positive, logits become ``cap * tanh(logits / cap)``.
+        zero_init_proj: Initialise the attention and MLP output projections to zero, so every
+            block starts as the identity.
+
+    Every option added after GPT-2 is off by default, so the defaults describe GPT-2 and
+    such models export to Hugging Face.
     """
 
     vocab_size: int = 50304
@@ -76,6 +87,11 @@ class GPTConfig:
     position: str = "learned"
     rope_theta: float = 10000.0
     layer_norm_eps: float = 1e-5
+    norm: str = "layernorm"
+    norm_weight: bool = True
+    qk_norm: bool = False
+    logit_softcap: float = 0.0
+    zero_init_proj: bool = False
 
     def __post_init__(self) -> None:
         try:
@@ -112,6 +128,29 @@ class GPTConfig:
             raise ValueError(f"rope_theta must be positive, got {self.rope_theta!r}")
         if not float(self.layer_norm_eps) > 0.0:
             raise ValueError(f"layer_norm_eps must be positive, got {self.layer_norm_eps!r}")
+        if self.norm not in _NORMS:
+            raise ValueError(f"norm must be one of {_NORMS}, got {self.norm!r}")
+        if not float(self.logit_softcap) >= 0.0:
+            raise ValueError(f"logit_softcap must be >= 0 (0 = off), got {self.logit_softcap!r}")
+
+    def gpt2_incompatibilities(self) -> list[str]:
+        """The options a Hugging Face GPT-2 model cannot represent (empty: exportable)."""
+        bad = []
+        if self.position != "learned":
+            bad.append(f"position={self.position!r}")
+        if not self.bias:
+            bad.append("bias=False")
+        if self.activation == "relu2":
+            bad.append("activation='relu2'")
+        if self.norm != "layernorm":
+            bad.append(f"norm={self.norm!r}")
+        if not self.norm_weight:
+            bad.append("norm_weight=False")
+        if self.qk_norm:
+            bad.append("qk_norm=True")
+        if self.logit_softcap:
+            bad.append(f"logit_softcap={self.logit_softcap}")
+        return bad
 
     @property
     def head_dim(self) -> int:
@@ -143,13 +182,31 @@ class GPTConfig:
 
 
 @dataclass
+class BlockParams:
+    """The tensors one block reads, gathered from its modules (see :func:`block_forward`)."""
+
+    ln1_w: torch.Tensor | None
+    ln1_b: torch.Tensor | None
+    qkv_w: torch.Tensor
+    qkv_b: torch.Tensor | None
+    o_w: torch.Tensor
+    o_b: torch.Tensor | None
+    ln2_w: torch.Tensor | None
+    ln2_b: torch.Tensor | None
+    fc_w: torch.Tensor
+    fc_b: torch.Tensor | None
+    p_w: torch.Tensor
+    p_b: torch.Tensor | None
+
+
+@dataclass
 class DecodePlan:
     """The parameters :meth:`GPT.decode_step` reads, gathered once per generation."""
 
     wte: torch.Tensor
     wpe: torch.Tensor | None
-    layers: list[tuple[Any, ...]]
-    lnf_w: torch.Tensor
+    layers: list[BlockParams]
+    lnf_w: torch.Tensor | None
     lnf_b: torch.Tensor | None
     head: torch.Tensor
 
@@ -225,95 +282,156 @@ def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
-class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention through ``F.scaled_dot_product_attention``."""
-
-    def __init__(self, config: GPTConfig) -> None:
-        super().__init__()
-        self.n_head = config.n_head
-        self.head_dim = config.head_dim
-        self.dropout = config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-        cache: KVCache | None = None,
-        layer: int = 0,
-    ) -> torch.Tensor:
-        B, T, C = x.shape
-        qkv = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim)
-        v = qkv[:, :, 2].transpose(1, 2)
-        qk = qkv[:, :, :2] if rope is None else _apply_rope(qkv[:, :, :2], *rope)
-        q, k = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2)
-
-        mask: torch.Tensor | None = None
-        is_causal = True
-        if cache is not None:
-            start = cache.pos
-            cache.k[layer, :, :, start : start + T] = k
-            cache.v[layer, :, :, start : start + T] = v
-            k = cache.k[layer, :, :, : start + T]
-            v = cache.v[layer, :, :, : start + T]
-            if start > 0:
-                # SDPA's is_causal aligns the mask to the top-left corner, which is wrong once
-                # queries start after cached keys; one new query may see everything, several
-                # need an explicit offset mask.
-                is_causal = False
-                if T > 1:
-                    q_pos = torch.arange(start, start + T, device=x.device)[:, None]
-                    k_pos = torch.arange(start + T, device=x.device)[None, :]
-                    mask = k_pos <= q_pos
-
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=is_causal and T > 1,
-        )
-        y = self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
-        # Skipping the no-op module call matters when decoding one token at a time.
-        return self.resid_dropout(y) if self.training and self.dropout > 0 else y
+def _norm(x: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None,
+          cfg: GPTConfig) -> torch.Tensor:
+    # torch.* rather than F.*: the F wrappers add a Python-level check per call, which shows
+    # when decoding one token at a time.
+    if cfg.norm == "rmsnorm":
+        return torch.rms_norm(x, (x.shape[-1],), w, cfg.layer_norm_eps)
+    return torch.layer_norm(x, (x.shape[-1],), w, b, cfg.layer_norm_eps)
 
 
 def _activate(h: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "gelu_tanh":
+        return F.gelu(h, approximate="tanh")
     if kind == "relu":
         return F.relu(h)
-    if kind == "gelu":
-        return F.gelu(h)
-    return F.gelu(h, approximate="tanh")
+    if kind == "relu2":
+        return F.relu(h).square()
+    return F.gelu(h)
+
+
+def _qk(qk: torch.Tensor, cfg: GPTConfig,
+        rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """Queries and keys together (``(..., 2, H, D)``) after QK-norm and rotary positions."""
+    if cfg.qk_norm:
+        qk = torch.rms_norm(qk, (qk.shape[-1],), None, cfg.layer_norm_eps)
+    return qk if rope is None else _apply_rope(qk, *rope)
+
+
+def _attend(qkv: torch.Tensor, cfg: GPTConfig, rope: tuple[torch.Tensor, torch.Tensor] | None,
+            cache: KVCache | None, layer: int, dropout_p: float) -> torch.Tensor:
+    """Causal attention for ``qkv`` of shape ``(B, T, 3, H, D)``; returns ``(B, T, C)``.
+
+    Through the cache when one is given: the new positions are written first."""
+    B, T = qkv.shape[:2]
+    qk = _qk(qkv[:, :, :2], cfg, rope)
+    q, k, v = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
+    mask: torch.Tensor | None = None
+    is_causal = T > 1
+    if cache is not None:
+        start = cache.pos
+        cache.k[layer, :, :, start : start + T] = k
+        cache.v[layer, :, :, start : start + T] = v
+        k = cache.k[layer, :, :, : start + T]
+        v = cache.v[layer, :, :, : start + T]
+        if start > 0:
+            # SDPA's is_causal aligns the mask to the top-left corner, which is wrong once
+            # queries start after cached keys: an explicit offset mask.
+            is_causal = False
+            q_pos = torch.arange(start, start + T, device=q.device)[:, None]
+            mask = torch.arange(start + T, device=q.device)[None, :] <= q_pos
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                       is_causal=is_causal)
+    return y.transpose(1, 2).reshape(B, T, -1)
+
+
+def _attend_one(qkv: torch.Tensor, cfg: GPTConfig,
+                rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache,
+                layer: int) -> torch.Tensor:
+    """:func:`_attend` for one new position per sequence (``qkv``: ``(B, 3, H, D)``): the same
+    operations with fewer of them, since decoding a token at a time pays per op. The one
+    query may see every cached key, so no mask is needed."""
+    B = qkv.shape[0]
+    pos = cache.pos
+    qk = _qk(qkv[:, :2], cfg, rope)
+    cache.k[layer, :, :, pos] = qk[:, 1]
+    cache.v[layer, :, :, pos] = qkv[:, 2]
+    y = F.scaled_dot_product_attention(qk[:, 0, :, None], cache.k[layer, :, :, : pos + 1],
+                                       cache.v[layer, :, :, : pos + 1])
+    return y.view(B, 1, -1)
+
+
+def block_forward(
+    p: BlockParams,
+    x: torch.Tensor,
+    cfg: GPTConfig,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    cache: KVCache | None = None,
+    layer: int = 0,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """One pre-norm transformer block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
+
+    The only definition of the block: training (``GPT.forward``), prefill and one-token
+    decoding (:meth:`GPT.decode_step`) all run it. It calls the functional ops on the weights
+    directly, since at one token per step a small model's time goes to per-op and per-module
+    overhead, not arithmetic. ``dropout_p`` is applied to attention weights and to both
+    residual branches (pass 0 outside training).
+    """
+    B, T, C = x.shape
+    H, D = cfg.n_head, cfg.head_dim
+    qkv = F.linear(_norm(x, p.ln1_w, p.ln1_b, cfg), p.qkv_w, p.qkv_b)
+    if cache is not None and T == 1:
+        y = _attend_one(qkv.view(B, 3, H, D), cfg, rope, cache, layer)
+    else:
+        y = _attend(qkv.view(B, T, 3, H, D), cfg, rope, cache, layer, dropout_p)
+    y = F.linear(y, p.o_w, p.o_b)
+    if dropout_p > 0:
+        y = F.dropout(y, dropout_p, training=True)
+    x = x + y
+    h = F.linear(_norm(x, p.ln2_w, p.ln2_b, cfg), p.fc_w, p.fc_b)
+    h = F.linear(_activate(h, cfg.activation), p.p_w, p.p_b)
+    if dropout_p > 0:
+        h = F.dropout(h, dropout_p, training=True)
+    return x + h
+
+
+def _norm_module(cfg: GPTConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.n_embd, eps=cfg.layer_norm_eps, elementwise_affine=cfg.norm_weight)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias,
+                        elementwise_affine=cfg.norm_weight)
+
+
+class CausalSelfAttention(nn.Module):
+    """The attention weights of a block: ``c_attn`` (q, k, v) and ``c_proj`` (output)."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward network with 4x expansion."""
+    """The feed-forward weights of a block (4x expansion): ``c_fc`` and ``c_proj``."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
-        self.activation = config.activation
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.c_proj(_activate(self.c_fc(x), self.activation))
-        return self.dropout(h) if self.training and self.dropout.p > 0 else h
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block: ``x + attn(ln(x))`` then ``x + mlp(ln(x))``."""
+    """A transformer block's parameters (GPT-2's names); the math is :func:`block_forward`."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        eps = config.layer_norm_eps
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=eps, bias=config.bias)
+        self.config = config
+        self.ln_1 = _norm_module(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=eps, bias=config.bias)
+        self.ln_2 = _norm_module(config)
         self.mlp = MLP(config)
+
+    def params(self) -> BlockParams:
+        """This block's tensors, for :func:`block_forward`."""
+        a, m = self.attn, self.mlp
+        return BlockParams(
+            getattr(self.ln_1, "weight", None), getattr(self.ln_1, "bias", None),
+            a.c_attn.weight, a.c_attn.bias, a.c_proj.weight, a.c_proj.bias,
+            getattr(self.ln_2, "weight", None), getattr(self.ln_2, "bias", None),
+            m.c_fc.weight, m.c_fc.bias, m.c_proj.weight, m.c_proj.bias,
+        )
 
     def forward(
         self,
@@ -322,8 +440,8 @@ class Block(nn.Module):
         cache: KVCache | None = None,
         layer: int = 0,
     ) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rope, cache, layer)
-        return x + self.mlp(self.ln_2(x))
+        dropout = self.config.dropout if self.training else 0.0
+        return block_forward(self.params(), x, self.config, rope, cache, layer, dropout)
 
 
 class GPT(nn.Module):
@@ -351,7 +469,7 @@ class GPT(nn.Module):
             "wte": nn.Embedding(config.vocab_size, config.n_embd),
             "drop": nn.Dropout(config.dropout),
             "h": nn.ModuleList(Block(config) for _ in range(config.n_layer)),
-            "ln_f": nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias),
+            "ln_f": _norm_module(config),
         }
         if config.position == "learned":
             modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
@@ -372,7 +490,10 @@ class GPT(nn.Module):
         resid_std = 0.02 / math.sqrt(2 * config.n_layer)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=resid_std)
+                if config.zero_init_proj:
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.normal_(p, mean=0.0, std=resid_std)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -445,7 +566,7 @@ class GPT(nn.Module):
             ``logits`` of shape ``(B, T, vocab_size)``, or ``(logits, loss)`` with targets.
         """
         h = self.hidden_states(idx, cache)
-        logits = self.lm_head(h)
+        logits = self._softcap(self.lm_head(h))
         if targets is None:
             return logits
         loss = F.cross_entropy(
@@ -453,17 +574,20 @@ class GPT(nn.Module):
         )
         return logits, loss
 
+    def _softcap(self, logits: torch.Tensor) -> torch.Tensor:
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap > 0 else logits
+
     def decode_step(
         self, idx: torch.Tensor, cache: KVCache, plan: DecodePlan | None = None
     ) -> torch.Tensor:
         """Logits ``(B, vocab_size)`` of the next token after one new token per sequence.
 
         ``idx`` is ``(B, 1)``; its keys and values are appended to ``cache`` (which must have
-        room). Computes what :meth:`forward` computes for that position, with the same
-        operations, but calls the functional ops on the weights directly: at one token per
-        step a small model's time goes to per-op and per-module overhead, not arithmetic.
-        Inference only (no dropout, no autograd). ``plan`` (from :meth:`decode_plan`) saves
-        gathering the parameters again on every step of one generation.
+        room). Runs the same :func:`block_forward` as :meth:`forward`, on weights gathered
+        once by :meth:`decode_plan` (an ``nn.Module`` attribute lookup costs about a
+        microsecond, and a step needs dozens), without module calls. Inference only (no
+        dropout, no autograd).
         """
         B = idx.shape[0]
         pos = cache.pos
@@ -472,48 +596,27 @@ class GPT(nn.Module):
         if pos >= cache.max_len:
             raise ValueError(f"the cache is full ({cache.max_len} positions)")
         cfg = self.config
-        C, H, D = cfg.n_embd, cfg.n_head, cfg.head_dim
         plan = plan or self.decode_plan()
         x = F.embedding(idx, plan.wte)
         rope = None
         if plan.wpe is not None:
             x = x + plan.wpe[pos]
         else:
-            rope = (self.rope_cos[pos], self.rope_sin[pos])
-        eps = cfg.layer_norm_eps
-        for i, (ln1_w, ln1_b, qkv_w, qkv_b, o_w, o_b, ln2_w, ln2_b, fc_w, fc_b, p_w, p_b) in (
-            enumerate(plan.layers)
-        ):
-            h = torch.layer_norm(x, (C,), ln1_w, ln1_b, eps)
-            qkv = F.linear(h, qkv_w, qkv_b).view(B, 3, H, D)
-            qk = qkv[:, :2] if rope is None else _apply_rope(qkv[:, :2], *rope)
-            cache.k[i, :, :, pos] = qk[:, 1]
-            cache.v[i, :, :, pos] = qkv[:, 2]
-            y = F.scaled_dot_product_attention(
-                qk[:, 0, :, None], cache.k[i, :, :, : pos + 1], cache.v[i, :, :, : pos + 1]
-            )
-            x = x + F.linear(y.view(B, 1, C), o_w, o_b)
-            h = F.linear(torch.layer_norm(x, (C,), ln2_w, ln2_b, eps), fc_w, fc_b)
-            x = x + F.linear(_activate(h, cfg.activation), p_w, p_b)
+            rope = (self.rope_cos[pos : pos + 1, None, None],
+                    self.rope_sin[pos : pos + 1, None, None])
+        for i, layer in enumerate(plan.layers):
+            x = block_forward(layer, x, cfg, rope, cache, i)
         cache.pos = pos + 1
-        x = torch.layer_norm(x[:, 0], (C,), plan.lnf_w, plan.lnf_b, eps)
-        return F.linear(x, plan.head)
+        x = _norm(x[:, 0], plan.lnf_w, plan.lnf_b, cfg)
+        return self._softcap(F.linear(x, plan.head))
 
     def decode_plan(self) -> DecodePlan:
-        """The parameters :meth:`decode_step` reads, gathered into flat lists once (an
-        ``nn.Module`` attribute lookup costs about a microsecond, and a step needs dozens).
-        Valid until a parameter object is replaced."""
+        """The parameters :meth:`decode_step` reads, gathered into flat lists once. Valid until
+        a parameter object is replaced."""
         t = self.transformer
-        layers = [
-            (
-                b.ln_1.weight, b.ln_1.bias, b.attn.c_attn.weight, b.attn.c_attn.bias,
-                b.attn.c_proj.weight, b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias,
-                b.mlp.c_fc.weight, b.mlp.c_fc.bias, b.mlp.c_proj.weight, b.mlp.c_proj.bias,
-            )
-            for b in t.h
-        ]
         wpe = t.wpe.weight if self.config.position == "learned" else None
-        return DecodePlan(t.wte.weight, wpe, layers, t.ln_f.weight, t.ln_f.bias,
+        return DecodePlan(t.wte.weight, wpe, [b.params() for b in t.h],
+                          getattr(t.ln_f, "weight", None), getattr(t.ln_f, "bias", None),
                           self.lm_head.weight)
 
     def new_cache(
@@ -656,13 +759,14 @@ class GPT(nn.Module):
     def save_huggingface(self, path: Union[str, os.PathLike]) -> None:
         """Write ``config.json`` + ``model.safetensors`` that ``GPT2LMHeadModel`` loads.
 
-        Only GPT-2-shaped models can be exported: learned positions and biases.
+        Only GPT-2-shaped models can be exported (:meth:`GPTConfig.gpt2_incompatibilities`
+        names what stands in the way: rotary positions, no biases, RMSNorm, ...).
         """
         c = self.config
-        if c.position != "learned":
-            raise ValueError("only models with learned positions can be saved as GPT-2")
-        if not c.bias:
-            raise ValueError("only models with bias=True can be saved as GPT-2")
+        bad = c.gpt2_incompatibilities()
+        if bad:
+            raise ValueError(f"GPT-2 cannot represent this model's {', '.join(bad)}; it cannot "
+                             "be saved as a Hugging Face GPT-2 folder")
         from safetensors.torch import save_file
 
         folder = Path(path)

@@ -1,19 +1,30 @@
 """Optimizers and their parameter groups.
 
-AdamW with weight decay on matrices only (linear weights and embeddings; not on biases and
-norm weights), the fused kernel on CUDA. Every group carries ``base_lr``: the schedule sets
-``lr = base_lr * factor`` each step, so groups with different rates follow one schedule.
+``optim.name = "adamw"``: AdamW for everything, weight decay on matrices only (linear weights
+and embeddings; not on biases and norm gains), the fused kernel on CUDA.
+
+``optim.name = "muon"``: Muon (momentum, then Newton–Schulz orthogonalisation of the update)
+for the 2-D weight matrices inside the transformer blocks, AdamW for the rest (embeddings,
+head, norms, biases), as in modded-nanogpt and nanochat. ``torch.optim.Muon`` is used where
+the installed torch has it (2.9 and later); otherwise :class:`Muon` below, the same algorithm.
+
+Every group carries ``base_lr``: the schedule sets ``lr = base_lr * factor`` each step, so
+groups with different rates follow one schedule.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+import math
+from typing import Any, Dict, Iterable, List, Tuple
 
 import torch
 
 from smallgpt.config import OptimSection
 
-__all__ = ["build_optimizers", "configure_optimizer", "set_lr"]
+__all__ = ["Muon", "build_optimizers", "configure_optimizer", "newton_schulz", "set_lr",
+           "split_params"]
+
+NS_COEFFICIENTS = (3.4445, -4.775, 2.0315)
 
 
 def configure_optimizer(
@@ -21,7 +32,12 @@ def configure_optimizer(
     device: torch.device,
 ) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices (>= 2-D: linear weights, embeddings) only."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    return _adamw(list(model.parameters()), lr, weight_decay, betas, eps, device)
+
+
+def _adamw(params: List[torch.nn.Parameter], lr: float, weight_decay: float, betas: tuple,
+           eps: float, device: torch.device) -> torch.optim.AdamW:
+    params = [p for p in params if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay,
          "base_lr": lr},
@@ -30,14 +46,38 @@ def configure_optimizer(
     kwargs: Dict[str, Any] = {"lr": lr, "betas": betas, "eps": eps}
     if device.type == "cuda":
         kwargs["fused"] = True
-    return torch.optim.AdamW(groups, **kwargs)
+    return torch.optim.AdamW([g for g in groups if g["params"]], **kwargs)
+
+
+def split_params(model: torch.nn.Module) -> Tuple[List[torch.nn.Parameter],
+                                                  List[torch.nn.Parameter]]:
+    """``(hidden matrices, the rest)``: the 2-D weights inside the transformer blocks go to
+    Muon; embeddings, the head (tied or not), norm gains and biases to AdamW."""
+    hidden, rest = [], []
+    seen = set()
+    for name, p in model.named_parameters():
+        if id(p) in seen or not p.requires_grad:
+            continue
+        seen.add(id(p))
+        inside_block = ".h." in f".{name}" or name.startswith("h.")
+        (hidden if inside_block and p.dim() == 2 else rest).append(p)
+    return hidden, rest
 
 
 def build_optimizers(model: torch.nn.Module, o: OptimSection,
                      device: torch.device) -> List[torch.optim.Optimizer]:
-    """The optimizers of a run (a list, so that optimizers for different kinds of parameter
-    can sit side by side; each is stepped, clipped and checkpointed alike)."""
-    return [configure_optimizer(model, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps, device)]
+    """The optimizers of a run: ``[AdamW]``, or ``[Muon, AdamW]`` with ``o.name == "muon"``.
+
+    A list, so that optimizers for different kinds of parameter sit side by side; each is
+    stepped, clipped and checkpointed alike."""
+    betas = (o.beta1, o.beta2)
+    if o.name == "adamw":
+        return [configure_optimizer(model, o.lr, o.weight_decay, betas, o.eps, device)]
+    hidden, rest = split_params(model)
+    muon_cls = getattr(torch.optim, "Muon", Muon)
+    muon = muon_cls([{"params": hidden, "base_lr": o.muon_lr}], lr=o.muon_lr,
+                    weight_decay=o.muon_weight_decay, momentum=o.muon_momentum, nesterov=True)
+    return [muon, _adamw(rest, o.lr, o.weight_decay, betas, o.eps, device)]
 
 
 def set_lr(optimizers: List[torch.optim.Optimizer], factor: float) -> None:
@@ -45,3 +85,62 @@ def set_lr(optimizers: List[torch.optim.Optimizer], factor: float) -> None:
     for opt in optimizers:
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * factor
+
+
+def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7,
+                  coefficients: Tuple[float, float, float] = NS_COEFFICIENTS) -> torch.Tensor:
+    """Approximately orthogonalise ``g`` (``U S V^T -> U S' V^T`` with ``S'`` near 1) by a
+    quintic Newton–Schulz iteration in bf16, as Keller Jordan's Muon and torch's do."""
+    a, b, c = coefficients
+    x = g.to(torch.bfloat16, copy=True)
+    tall = g.size(0) > g.size(1)
+    if tall:
+        x = x.T
+    x.div_(x.norm().clamp(min=eps))  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """MomentUm Orthogonalized by Newton–Schulz, for 2-D parameters (torch < 2.9).
+
+    The same update as ``torch.optim.Muon``: ``buf = lerp(buf, g, 1 - momentum)``; the
+    Nesterov update ``lerp(g, buf, momentum)`` is orthogonalised by :func:`newton_schulz`,
+    scaled by ``sqrt(max(1, rows / cols))``, and applied after decoupled weight decay.
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 0.02, weight_decay: float = 0.0,
+                 momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
+                 eps: float = 1e-7) -> None:
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                        ns_steps=ns_steps, eps=eps)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dim() != 2:
+                    raise ValueError(f"Muon takes 2-D parameters only, got shape "
+                                     f"{tuple(p.shape)}")
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # noqa: D102
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            m = group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - m)
+                update = p.grad.lerp(buf, m) if group["nesterov"] else buf
+                update = newton_schulz(update, group["ns_steps"], group["eps"])
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update, alpha=-group["lr"] * math.sqrt(max(1.0, p.size(0) / p.size(1))))
+        return loss
