@@ -393,3 +393,23 @@ def test_streaming_leaves_grad_mode_alone_and_yields_ordinary_tensors():
     _, loss = model(out[:, :-1], out[:, 1:])
     loss.backward()
     assert model.transformer.wte.weight.grad is not None
+
+
+def test_huge_max_new_tokens_allocates_as_it_goes():
+    # A model that always prefers token 3 (its eos): every search ends at once. Buffers must
+    # not be sized by max_new_tokens (10**12 tokens would be terabytes).
+    model = tiny(vocab=8, block=8).eval()
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.transformer.ln_f.bias.zero_()
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias[0] = 1.0
+        model.lm_head.weight[3, 0] = 10.0
+    idx = torch.tensor([[1, 2]])
+    for kw in (dict(temperature=0), dict(num_beams=4), dict(num_beams=2, num_samples=2),
+               dict(temperature=1.0, seed=0)):
+        out = model.generate(idx, 10**12, eos_token_id=3, **kw)
+        assert out.shape[1] <= 4 and all(3 in row[2:] for row in out.tolist()), kw
+    # Without an eos the sampler still grows its history step by step (no large buffer).
+    pieces = model.generate_stream(idx, 10**12, temperature=0)
+    assert [int(next(pieces)[0]) for _ in range(300)] == [3] * 300

@@ -332,12 +332,12 @@ def _sample_steps(
     number of new tokens it produced (the eos/stop token included).
     """
     B, T = idx.shape
-    seqs = torch.empty((B, T + max_new_tokens), dtype=torch.long, device=idx.device)
-    seqs[:, :T] = idx
+    # The history grows with the tokens produced, never to max_new_tokens up front.
+    seqs = _grow(idx.clone(), T + min(max_new_tokens, 256), s.pad)
     stepper = _Stepper(model, use_cache, s.vocab_limit, T + max_new_tokens)
     max_stop = max((len(x.encode("utf-8")) for x in s.stop), default=0)
     can_finish = s.eos_token_id is not None or bool(s.stop)
-    state = {"finished": torch.zeros(B, dtype=torch.bool, device=idx.device)}
+    state = {"finished": torch.zeros(B, dtype=torch.bool, device=idx.device), "seqs": seqs}
 
     # One step under inference mode (cheaper per op than no_grad, which matters at one token
     # per step); the mode is entered per step so that it never leaks to the caller's code
@@ -346,6 +346,7 @@ def _sample_steps(
     def advance(step: int) -> tuple[torch.Tensor, bool]:
         cur = T + step
         finished = state["finished"]
+        seqs = state["seqs"] = _grow(state["seqs"], cur + 1, s.pad)
         logits = stepper.logits(seqs[:, :cur])
         logits = process_logits(
             logits, seqs[:, :cur], temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
@@ -426,6 +427,136 @@ def generate_stream(
 # ---------------------------------------------------------------------------- beam search
 
 
+def _grow(t: torch.Tensor, need: int, fill: int) -> torch.Tensor:
+    """``t`` with its last dimension at least ``need`` long (doubling, new cells = ``fill``):
+    buffers grow with the tokens actually produced, not with ``max_new_tokens``."""
+    cap = t.shape[-1]
+    if need <= cap:
+        return t
+    new_cap = max(need, 2 * cap)
+    out = torch.full((*t.shape[:-1], new_cap), fill, dtype=t.dtype, device=t.device)
+    out[..., :cap] = t
+    return out
+
+
+class _Beams:
+    """The bookkeeping of transformers' ``GenerationMixin._beam_search`` for a batch.
+
+    At each step the ``2 * num_beams`` best continuations over all beams are taken (by summed
+    log-probability); those ending in eos (or a stop string) become finished hypotheses, scored
+    by ``sum_logprobs / new_len ** length_penalty``; the best ``num_beams`` others keep running.
+    Sequences live in buffers that grow as tokens are produced (``max_new_tokens`` may be
+    huge).
+    """
+
+    def __init__(self, idx: torch.Tensor, max_new_tokens: int, num_beams: int,
+                 length_penalty: float, early_stopping: Union[bool, str], s: _Settings) -> None:
+        B, T = idx.shape
+        K = num_beams
+        dev = idx.device
+        self.B, self.T, self.K, self.s = B, T, K, s
+        self.L = T + max_new_tokens
+        self.length_penalty, self.early_stopping = length_penalty, early_stopping
+        cap = T + min(max_new_tokens, 64)
+        self.running = torch.full((B, K, cap), s.pad, dtype=torch.long, device=dev)
+        self.running[:, :, :T] = idx[:, None, :]
+        self.running_scores = torch.zeros((B, K), device=dev)
+        self.running_scores[:, 1:] = _NEG  # all beams start identical: only beam 0 expands
+        self.done = self.running.clone()
+        self.done_scores = torch.full((B, K), _NEG, device=dev)
+        self.done_len = torch.full((B, K), T, dtype=torch.long, device=dev)
+        self.is_done = torch.zeros((B, K), dtype=torch.bool, device=dev)
+        self.may_improve = torch.ones((B, 1), dtype=torch.bool, device=dev)
+        self.top_mask = torch.zeros(2 * K, dtype=torch.bool, device=dev)
+        self.top_mask[:K] = True
+        self.batch_offset = torch.arange(B, device=dev)[:, None] * K
+        self.max_stop = max((len(x.encode("utf-8")) for x in s.stop), default=0)
+        self.cur = T
+
+    def candidates(self, logp: torch.Tensor, V: int) -> tuple[torch.Tensor, ...]:
+        """The ``2K`` best continuations: scores, source beams, tokens, their sequences."""
+        B, K, cur = self.B, self.K, self.cur
+        logp = (logp.view(B, K, V) + self.running_scores[:, :, None]).view(B, K * V)
+        scores, flat = torch.topk(logp, 2 * K, dim=-1)
+        beam, tok = flat // V, flat % V
+        self.running = _grow(self.running, cur + 1, self.s.pad)
+        self.done = _grow(self.done, self.running.shape[-1], self.s.pad)
+        seqs = torch.take_along_dim(self.running, beam[:, :, None], dim=1)
+        seqs[:, :, cur] = tok
+        return scores, beam, tok, seqs
+
+    def finished(self, tok: torch.Tensor, seqs: torch.Tensor) -> torch.Tensor:
+        """Which candidates end here: the length limit, eos, or a completed stop string."""
+        s, cur = self.s, self.cur
+        hits = torch.zeros_like(tok, dtype=torch.bool)
+        if cur + 1 >= self.L:
+            hits[:] = True
+        if s.eos_token_id is not None:
+            hits |= tok == s.eos_token_id
+        if s.stop:
+            assert s.decode is not None
+            lo = max(self.T, cur + 1 - (self.max_stop + 1))
+            for b in range(self.B):
+                for j in range(tok.shape[1]):
+                    if not hits[b, j] and _stop_hit(
+                        s.decode(seqs[b, j, lo : cur + 1].tolist()), s.stop
+                    ):
+                        hits[b, j] = True
+        return hits
+
+    def update(self, scores: torch.Tensor, beam: torch.Tensor, tok: torch.Tensor,
+               seqs: torch.Tensor, hits: torch.Tensor) -> torch.Tensor:
+        """Advance by one token; returns the running beams' origins (to reorder the cache)."""
+        K, cur = self.K, self.cur
+        # Next running beams: the best K candidates that did not just finish.
+        open_scores = scores + hits.float() * _NEG
+        pick = torch.topk(open_scores, K, dim=-1).indices
+        new_running = torch.take_along_dim(seqs, pick[:, :, None], dim=1)
+        new_scores = torch.take_along_dim(open_scores, pick, dim=1)
+        origin = torch.take_along_dim(beam, pick, dim=1) + self.batch_offset
+        # Finished hypotheses: only candidates within the top K may enter the pool.
+        just_done = hits & self.top_mask[None, :]
+        norm = scores / float(cur + 1 - self.T) ** self.length_penalty
+        pool_full = self.is_done.all(dim=-1, keepdim=True) & (self.early_stopping is True)
+        norm = norm + pool_full.float() * _NEG + (~self.may_improve).float() * _NEG
+        norm = norm + (~just_done).float() * _NEG
+        merged_scores = torch.cat((self.done_scores, norm), dim=1)
+        best = torch.topk(merged_scores, K, dim=-1).indices
+        self.done = torch.take_along_dim(torch.cat((self.done, seqs), dim=1), best[:, :, None],
+                                         dim=1)
+        self.done_scores = torch.take_along_dim(merged_scores, best, dim=1)
+        self.done_len = torch.take_along_dim(
+            torch.cat((self.done_len, torch.full_like(tok, cur + 1)), dim=1), best, dim=1)
+        self.is_done = torch.take_along_dim(torch.cat((self.is_done, just_done), dim=1), best,
+                                            dim=1)
+        self.running, self.running_scores = new_running, new_scores
+        self.cur += 1
+        return origin.reshape(-1)
+
+    def should_stop(self, hits: torch.Tensor) -> bool:
+        """Whether no running beam can still beat the worst finished hypothesis."""
+        if self.early_stopping == "never" and self.length_penalty > 0.0:
+            best_len = self.L - self.T
+        else:
+            best_len = self.cur - self.T
+        best_possible = self.running_scores[:, :1] / float(best_len) ** self.length_penalty
+        worst_done = torch.where(
+            self.is_done, self.done_scores.min(dim=1, keepdim=True).values,
+            torch.full_like(self.done_scores, _NEG),
+        )
+        self.may_improve = self.may_improve & (best_possible > worst_done).any(dim=-1,
+                                                                                keepdim=True)
+        all_done = bool(self.is_done.all()) and self.early_stopping is True
+        return not bool(self.may_improve.any()) or all_done or bool(hits.all())
+
+    def result(self, num_return: int) -> list[list[int]]:
+        """The new tokens of the ``num_return`` best finished hypotheses per prompt."""
+        width = self.done.shape[-1]
+        rows = self.done[:, :num_return].reshape(self.B * num_return, width)[:, self.T :]
+        lengths = (self.done_len[:, :num_return].reshape(-1) - self.T).tolist()
+        return [row[:n] for row, n in zip(rows.tolist(), lengths)]
+
+
 def _beam_search(
     model: GPT,
     idx: torch.Tensor,
@@ -437,114 +568,23 @@ def _beam_search(
     s: _Settings,
     use_cache: bool,
 ) -> list[list[int]]:
-    """Beam search with the bookkeeping of transformers' ``GenerationMixin._beam_search``.
-
-    At each step the ``2 * num_beams`` best continuations over all beams are taken (by summed
-    log-probability); those ending in eos (or a stop string) become finished hypotheses, scored
-    by ``sum_logprobs / new_len ** length_penalty``; the best ``num_beams`` others keep running.
-    Returns the new tokens of the ``num_return`` best finished hypotheses per prompt.
-    """
-    B, T = idx.shape
-    K = num_beams
-    L = T + max_new_tokens
-    n_keep = 2 * K  # one eos id at most, so two candidates per beam always leave K open ones
-    dev = idx.device
+    """Beam search (see :class:`_Beams`); the new tokens of the ``num_return`` best
+    hypotheses per prompt."""
+    beams = _Beams(idx, max_new_tokens, num_beams, length_penalty, early_stopping, s)
+    B, K = beams.B, beams.K
     V = min(s.vocab_limit or model.config.vocab_size, model.config.vocab_size)
-
-    running = torch.full((B, K, L), s.pad, dtype=torch.long, device=dev)
-    running[:, :, :T] = idx[:, None, :]
-    running_scores = torch.zeros((B, K), device=dev)
-    running_scores[:, 1:] = _NEG  # all beams start identical: only beam 0 may expand at first
-    done = running.clone()
-    done_scores = torch.full((B, K), _NEG, device=dev)
-    done_len = torch.full((B, K), T, dtype=torch.long, device=dev)
-    is_done = torch.zeros((B, K), dtype=torch.bool, device=dev)
-    may_improve = torch.ones((B, 1), dtype=torch.bool, device=dev)
-    top_mask = torch.zeros(n_keep, dtype=torch.bool, device=dev)
-    top_mask[:K] = True
-    batch_offset = torch.arange(B, device=dev)[:, None] * K
-    max_stop = max((len(x.encode("utf-8")) for x in s.stop), default=0)
-
-    stepper = _Stepper(model, use_cache, s.vocab_limit, L)
-    cur = T
+    stepper = _Stepper(model, use_cache, s.vocab_limit, beams.L)
     with torch.inference_mode(), _EvalMode(model):
         while True:
-            flat = running[:, :, :cur].reshape(B * K, cur)
-            logits = stepper.logits(flat)
-            logp = F.log_softmax(logits, dim=-1)
+            flat = beams.running[:, :, : beams.cur].reshape(B * K, beams.cur)
+            logp = F.log_softmax(stepper.logits(flat), dim=-1)
             logp = apply_repetition_penalty(logp, flat, s.repetition_penalty)
-            logp = (logp.view(B, K, V) + running_scores[:, :, None]).view(B, K * V)
-
-            cand_scores, cand_flat = torch.topk(logp, n_keep, dim=-1)
-            cand_beam = cand_flat // V
-            cand_tok = cand_flat % V
-            cand_seqs = torch.take_along_dim(running, cand_beam[:, :, None], dim=1)
-            cand_seqs[:, :, cur] = cand_tok
-
-            hits = torch.zeros_like(cand_tok, dtype=torch.bool)
-            if cur + 1 >= L:
-                hits[:] = True
-            if s.eos_token_id is not None:
-                hits |= cand_tok == s.eos_token_id
-            if s.stop:
-                assert s.decode is not None
-                lo = max(T, cur + 1 - (max_stop + 1))
-                for b in range(B):
-                    for j in range(n_keep):
-                        if not hits[b, j] and _stop_hit(
-                            s.decode(cand_seqs[b, j, lo : cur + 1].tolist()), s.stop
-                        ):
-                            hits[b, j] = True
-
-            # Next running beams: the best K candidates that did not just finish.
-            open_scores = cand_scores + hits.float() * _NEG
-            pick = torch.topk(open_scores, K, dim=-1).indices
-            new_running = torch.take_along_dim(cand_seqs, pick[:, :, None], dim=1)
-            new_running_scores = torch.take_along_dim(open_scores, pick, dim=1)
-            origin = torch.take_along_dim(cand_beam, pick, dim=1) + batch_offset
-
-            # Finished hypotheses: only candidates within the top K may enter the pool.
-            just_done = hits & top_mask[None, :]
-            norm = cand_scores / float(cur + 1 - T) ** length_penalty
-            pool_full = is_done.all(dim=-1, keepdim=True) & (early_stopping is True)
-            norm = norm + pool_full.float() * _NEG
-            norm = norm + (~may_improve).float() * _NEG
-            norm = norm + (~just_done).float() * _NEG
-            merged_seqs = torch.cat((done, cand_seqs), dim=1)
-            merged_scores = torch.cat((done_scores, norm), dim=1)
-            merged_len = torch.cat(
-                (done_len, torch.full_like(cand_tok, cur + 1)), dim=1
-            )
-            merged_done = torch.cat((is_done, just_done), dim=1)
-            best = torch.topk(merged_scores, K, dim=-1).indices
-            done = torch.take_along_dim(merged_seqs, best[:, :, None], dim=1)
-            done_scores = torch.take_along_dim(merged_scores, best, dim=1)
-            done_len = torch.take_along_dim(merged_len, best, dim=1)
-            is_done = torch.take_along_dim(merged_done, best, dim=1)
-
-            running, running_scores = new_running, new_running_scores
-            stepper.reorder(origin.reshape(-1))
-            cur += 1
-
-            # Can a running beam still beat the worst finished hypothesis?
-            if early_stopping == "never" and length_penalty > 0.0:
-                best_len = L - T
-            else:
-                best_len = cur - T
-            best_possible = running_scores[:, :1] / float(best_len) ** length_penalty
-            worst_done = torch.where(
-                is_done, done_scores.min(dim=1, keepdim=True).values,
-                torch.full_like(done_scores, _NEG),
-            )
-            may_improve = may_improve & (best_possible > worst_done).any(dim=-1, keepdim=True)
-
-            all_done = bool(is_done.all()) and early_stopping is True
-            if not bool(may_improve.any()) or all_done or bool(hits.all()):
+            scores, beam, tok, seqs = beams.candidates(logp, V)
+            hits = beams.finished(tok, seqs)
+            stepper.reorder(beams.update(scores, beam, tok, seqs, hits))
+            if beams.should_stop(hits):
                 break
-
-    rows = done[:, :num_return].reshape(B * num_return, L)[:, T:].tolist()
-    lengths = (done_len[:, :num_return].reshape(-1) - T).tolist()
-    return [row[:n] for row, n in zip(rows, lengths)]
+    return beams.result(num_return)
 
 
 # ---------------------------------------------------------------------------- public API
