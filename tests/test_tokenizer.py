@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import inspect
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -152,6 +154,47 @@ def test_min_frequency_and_max_token_length(sample_texts):
     assert 256 < t.vocab_size < 5000
     short = Tokenizer.train([text], vocab_size=500, max_token_length=3)
     assert all(len(short.token_bytes(i)) <= 3 for i in range(short.n_ordinary))
+
+
+def test_huge_vocab_size_is_a_value_error_not_an_abort():
+    # In a child process: before the fix this aborted the interpreter (Rust allocation
+    # failure), which would take pytest down with it.
+    code = """
+import sys
+from smallgpt import Tokenizer, _bpe
+for size in (2**40, 2**31, 2**64 + 5):
+    try:
+        Tokenizer.train(["hello world"], vocab_size=size)
+    except ValueError as e:
+        assert "at most 2,147,483,647" in str(e), e
+    else:
+        sys.exit("no error for %d" % size)
+t = _bpe.Trainer("gpt2")
+t.feed(["hello world"])
+try:
+    t.train(2**40, 1)
+except ValueError as e:
+    assert "merges asked for" in str(e), e
+else:
+    sys.exit("no error from the Rust trainer")
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_training_never_makes_a_token_the_encoder_cannot_hold():
+    assert reference_bpe.MAX_TOKEN_LENGTH == _bpe.MAX_TOKEN_LENGTH == 65535
+    tok = Tokenizer.train(["a" * 200_000], vocab_size=2000)
+    lengths = [len(tok.token_bytes(i)) for i in range(tok.n_ordinary)]
+    assert max(lengths) <= 65535 and max(lengths) >= 2**15
+    text = "a" * 200_000 + " b"
+    assert tok.decode(tok.encode_ordinary(text)) == text
+    capped = Tokenizer.train(["a" * 200_000], vocab_size=2000, max_token_length=1000)
+    assert max(len(capped.token_bytes(i)) for i in range(capped.n_ordinary)) <= 1000
+    for bad in (1, 65536, 2.0, True):
+        with pytest.raises(ValueError, match="max_token_length must be an int from 2 to 65535"):
+            Tokenizer.train(["abc"], vocab_size=300, max_token_length=bad)
 
 
 # --------------------------------------------------------------------------- persistence

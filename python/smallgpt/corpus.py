@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence, Union
 
 from smallgpt import _bpe
 from smallgpt._io import atomic_write_text
-from smallgpt.tokenizer import EOT, Tokenizer
+from smallgpt.tokenizer import EOT, Tokenizer, check_train_sizes
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -148,6 +148,7 @@ def tokenize_corpus(
     vocab_size: Optional[int] = None,
     pattern: str = "gpt4",
     special_tokens: Sequence[str] = (EOT,),
+    max_token_length: Optional[int] = None,
     val_fraction: float = 0.005,
     shard_tokens: int = 100_000_000,
     doc_separator: Optional[str] = None,
@@ -162,7 +163,9 @@ def tokenize_corpus(
 
     Exactly one tokenizer source: ``tokenizer`` (a :class:`Tokenizer` or a file in any
     format :func:`load_any_tokenizer` reads), ``gpt2_dir`` (``encoder.json`` +
-    ``vocab.bpe``), or ``vocab_size`` to train a new one on the inputs first.
+    ``vocab.bpe``), or ``vocab_size`` to train a new one on the inputs first (with
+    ``pattern``, ``special_tokens``, which must include ``<|endoftext|>``, and
+    ``max_token_length``).
 
     Each ``.txt`` file is one document (or several, split on ``doc_separator``); each line of
     a ``.jsonl`` file is one, taken from ``text_field``, and so is each row of a ``.parquet``
@@ -184,6 +187,19 @@ def tokenize_corpus(
         raise CorpusError(f"dtype must be auto, uint16 or uint32, not {dtype!r}")
     if workers is not None and workers < 1:
         raise CorpusError(f"workers must be at least 1, got {workers}")
+    if vocab_size is not None:
+        try:
+            check_train_sizes(vocab_size, len(special_tokens), max_token_length, "vocab size")
+        except ValueError as e:
+            raise CorpusError(str(e)) from None
+        if dtype == "uint16" and vocab_size > 1 << 16:
+            raise CorpusError(f"a vocabulary of {vocab_size} ids does not fit in uint16")
+        if EOT not in special_tokens:
+            raise CorpusError(f"the special tokens must include {EOT} (it separates documents)")
+        if len(set(special_tokens)) != len(special_tokens) or "" in special_tokens:
+            raise CorpusError("special tokens must be distinct and non-empty")
+    elif max_token_length is not None:
+        raise CorpusError("max token length applies only when training (a vocab size)")
     files = expand_inputs(inputs)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -202,8 +218,9 @@ def tokenize_corpus(
         return _tokenize(
             files, sources, out, existing, tokenizer=tokenizer, gpt2_dir=gpt2_dir,
             vocab_size=vocab_size, pattern=pattern, special_tokens=special_tokens,
-            val_fraction=val_fraction, shard_tokens=shard_tokens, dtype=dtype,
-            workers=workers, errors=errors, progress=progress,
+            max_token_length=max_token_length, val_fraction=val_fraction,
+            shard_tokens=shard_tokens, dtype=dtype, workers=workers, errors=errors,
+            progress=progress,
         )
 
 
@@ -218,6 +235,7 @@ def _tokenize(
     vocab_size: Optional[int],
     pattern: str,
     special_tokens: Sequence[str],
+    max_token_length: Optional[int],
     val_fraction: float,
     shard_tokens: int,
     dtype: str,
@@ -241,9 +259,7 @@ def _tokenize(
         trainer = _bpe.Trainer(pattern, workers)
         trainer.feed_sources(sources, errors)
         n_special = len(special_tokens)
-        if vocab_size < 256 + n_special:
-            raise CorpusError(f"vocab size must be at least {256 + n_special}, got {vocab_size}")
-        merges = trainer.train(vocab_size - 256 - n_special, 2, None, progress)
+        merges = trainer.train(vocab_size - 256 - n_special, 2, max_token_length, progress)
         first = 256 + len(merges)
         specials = [(s, first + i) for i, s in enumerate(special_tokens)]
         tok = Tokenizer(_bpe.CoreTokenizer.from_merges(merges, pattern, specials))

@@ -23,6 +23,10 @@ SpecialSet = Union[Literal["all"], AbstractSet[str], Collection[str]]
 FORMAT_NAME = "smallgpt-tokenizer"
 FORMAT_VERSION = 1
 EOT = "<|endoftext|>"
+#: Most ids a vocabulary can have (special tokens included): ids are 32-bit.
+MAX_VOCAB_SIZE: int = _bpe.MAX_VOCAB_SIZE
+#: Longest token, in bytes, that the encoder holds (and training makes).
+MAX_TOKEN_LENGTH: int = _bpe.MAX_TOKEN_LENGTH
 
 # Documents are fed to Rust in batches of about this many characters, so an iterable of texts
 # is streamed (never collected whole in Python) while each batch is counted in parallel.
@@ -63,6 +67,32 @@ def _bytes_to_unicode() -> dict[int, str]:
             mapping[b] = chr(256 + n)
             n += 1
     return mapping
+
+
+def check_train_sizes(
+    vocab_size: Any, n_special: int, max_token_length: Any = None, what: str = "vocab_size"
+) -> None:
+    """Raises ``ValueError`` unless a vocabulary of ``vocab_size`` ids (``n_special`` of them
+    special) and tokens of at most ``max_token_length`` bytes can be trained and encoded."""
+    low = 256 + n_special
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < low:
+        raise ValueError(
+            f"{what} must be an int >= 256 + {n_special} special tokens = {low}, "
+            f"got {vocab_size!r}"
+        )
+    if vocab_size > MAX_VOCAB_SIZE:
+        raise ValueError(
+            f"{what} must be at most {MAX_VOCAB_SIZE:,} (token ids are 32-bit), got {vocab_size:,}"
+        )
+    if max_token_length is not None and (
+        isinstance(max_token_length, bool)
+        or not isinstance(max_token_length, int)
+        or not 2 <= max_token_length <= MAX_TOKEN_LENGTH
+    ):
+        raise ValueError(
+            f"max_token_length must be an int from 2 to {MAX_TOKEN_LENGTH} (the longest token "
+            f"the encoder holds), got {max_token_length!r}"
+        )
 
 
 def _special_pairs(special_tokens: Any) -> list[tuple[str, int]]:
@@ -108,12 +138,14 @@ class Tokenizer:
         Args:
             texts: documents, any iterable of ``str``; streamed to Rust in batches.
             files: paths of UTF-8 text files, each one document; read and counted in Rust.
-            vocab_size: total number of ids, special tokens included. Training may stop
-                earlier (``min_frequency``), giving a smaller vocabulary.
+            vocab_size: total number of ids, special tokens included, at most
+                ``MAX_VOCAB_SIZE`` (2**31 - 1: ids are 32-bit). Training may stop earlier
+                (``min_frequency``, or no pair left to merge), giving a smaller vocabulary.
             pattern: ``"gpt2"``, ``"cl100k"`` (alias ``"gpt4"``), ``"o200k"`` or a regex.
             special_tokens: strings that get the ids after the merges, in this order.
             min_frequency: stop when the best pair occurs fewer times than this.
-            max_token_length: never create a token longer than this many bytes.
+            max_token_length: never create a token longer than this many bytes (2 to
+                ``MAX_TOKEN_LENGTH`` = 65535, the encoder's limit and the default).
             progress: show a progress bar of the merges on stderr.
             errors: ``"strict"`` raises ``ValueError`` on invalid UTF-8 in ``files`` (naming
                 the file and byte offset); ``"replace"`` substitutes U+FFFD.
@@ -132,17 +164,11 @@ class Tokenizer:
         special_tokens = list(special_tokens)
         if len(set(special_tokens)) != len(special_tokens):
             raise ValueError("special_tokens contains duplicates")
-        if not isinstance(vocab_size, int) or vocab_size < 256 + len(special_tokens):
-            raise ValueError(
-                f"vocab_size must be an int >= 256 + {len(special_tokens)} special tokens "
-                f"= {256 + len(special_tokens)}, got {vocab_size!r}"
-            )
+        check_train_sizes(vocab_size, len(special_tokens), max_token_length)
         if not isinstance(min_frequency, int) or min_frequency < 0:
             raise ValueError(f"min_frequency must be a non-negative int, got {min_frequency!r}")
-        if max_token_length is not None and (
-            not isinstance(max_token_length, int) or max_token_length < 2
-        ):
-            raise ValueError(f"max_token_length must be an int >= 2, got {max_token_length!r}")
+        # Counts are 64-bit: a larger threshold could never be met anyway.
+        min_frequency = min(min_frequency, 2**63)
         if errors not in ("strict", "replace"):
             raise ValueError(f"errors must be 'strict' or 'replace', not {errors!r}")
 

@@ -13,7 +13,7 @@ use pyo3::sync::GILOnceCell;
 use pyo3::types::{PyBytes, PyList, PyString};
 
 use crate::corpus::{self, Dtype, ShardOptions, Source, SourceKind};
-use crate::encoder::{Encoder, Rank};
+use crate::encoder::{Encoder, Rank, MAX_TOKENS, MAX_TOKEN_LEN};
 use crate::error::Error;
 use crate::lanes::map_in_lanes;
 use crate::pretokenize::{
@@ -524,7 +524,7 @@ impl Trainer {
                 if n % 64 == 0 {
                     bar.set_position(n as u64);
                 }
-            });
+            })?;
             bar.finish_and_clear();
             Ok(merges)
         })
@@ -805,5 +805,8 @@ fn _bpe(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("GPT2_PATTERN", GPT2_PATTERN)?;
     m.add("CL100K_PATTERN", CL100K_PATTERN)?;
     m.add("O200K_PATTERN", O200K_PATTERN)?;
+    m.add("MAX_TOKEN_LENGTH", MAX_TOKEN_LEN)?;
+    // Ordinary tokens plus special tokens; ids above it would not fit the encoder's u32.
+    m.add("MAX_VOCAB_SIZE", MAX_TOKENS)?;
     Ok(())
 }

@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--gpt2", metavar="DIR", help="folder with encoder.json and vocab.bpe")
     p.add_argument("--pattern", default="gpt4", help="pre-tokenizer: gpt2, cl100k/gpt4, o200k "
                    "or a regex (when training; default gpt4)")
+    p.add_argument("--max-token-length", type=int, metavar="BYTES",
+                   help="when training: no token longer than this (2 to 65535, the default)")
     p.add_argument("--special-tokens", nargs="*", default=["<|endoftext|>"],
                    help="special tokens of a trained tokenizer (default <|endoftext|>)")
     p.add_argument("--doc-separator", help="split .txt files into documents on this string "
@@ -67,6 +69,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             vocab_size=args.vocab_size,
             pattern=args.pattern,
             special_tokens=args.special_tokens,
+            max_token_length=args.max_token_length,
             val_fraction=args.val_fraction,
             shard_tokens=args.shard_tokens,
             doc_separator=sep,
