@@ -131,6 +131,34 @@ def _shared_tokenizer() -> Tokenizer:
     return _TOK[0]
 
 
+# --------------------------------------------------------------------------- GPT-2 vs tiktoken
+
+@pytest.fixture(scope="module")
+def gpt2_pair(gpt2_files):
+    """Our GPT-2 tokenizer and tiktoken's, both built from the committed fixture files (no
+    network): the bare repository still checks a real 50k vocabulary."""
+    import tiktoken
+    import tiktoken_ext.openai_public as openai_public
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+    enc_json, vocab_bpe = gpt2_files
+    ranks = data_gym_to_mergeable_bpe_ranks(str(vocab_bpe), str(enc_json))
+    tt = tiktoken.Encoding("gpt2-fixture", pat_str=openai_public.r50k_pat_str,
+                           mergeable_ranks=ranks, special_tokens={"<|endoftext|>": 50256})
+    return Tokenizer.from_gpt2(enc_json, vocab_bpe), tt
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(text=st.one_of(texts, long_runs, st.lists(st.one_of(
+    pieces, st.integers(0, 10**15).map(str), st.sampled_from(["<|endoftext|>", "<|endoftext"])
+), max_size=30).map("".join)))
+def test_gpt2_vocabulary_equals_tiktoken(text, gpt2_pair):
+    ours, tt = gpt2_pair
+    assert ours.encode_ordinary(text) == tt.encode_ordinary(text)
+    assert ours.encode(text, allowed_special="all") == tt.encode(text, allowed_special="all")
+    assert ours.decode_bytes(tt.encode_ordinary(text)) == text.encode("utf-8")
+
+
 # --------------------------------------------------------------------------- Hugging Face export
 
 # Numbers of every length (cl100k and o200k cut them in threes), non-ASCII digits, and the
