@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import inspect
 import json
+import os
 import re
 import subprocess
 import sys
@@ -302,6 +303,37 @@ def test_bad_training_input(tmp_path):
         Tokenizer.train(files=[bad], vocab_size=300)
     tok = Tokenizer.train(files=[bad], vocab_size=300, errors="replace", min_frequency=1)
     assert tok.vocab_size > 256
+
+
+def test_files_that_are_not_regular_files(tmp_path):
+    # In a child process with a timeout: opening a FIFO used to wait for a writer forever.
+    os.mkfifo(tmp_path / "fifo")
+    code = f"""
+from smallgpt import Tokenizer
+for name, why in [("fifo", "is not a regular file"), ("", "is a directory")]:
+    try:
+        Tokenizer.train(files=[{str(tmp_path)!r} + "/" + name], vocab_size=300)
+    except OSError as e:
+        assert why in str(e), e
+    else:
+        raise SystemExit("no error for " + name)
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_argument_types_are_checked_before_training():
+    for bad in ("<|endoftext|>", [1, 2]):
+        with pytest.raises(TypeError, match="special_tokens must be a sequence of str"):
+            Tokenizer.train(["abc"], vocab_size=300, special_tokens=bad)
+    tok = Tokenizer.train(["abc"], vocab_size=300)
+    with pytest.raises(TypeError, match="allowed_special must be 'all' or a set"):
+        tok.encode("abc", allowed_special=EOT)
+    with pytest.raises(ValueError, match="num_threads must be from 1 to 1024"):
+        Tokenizer.train(["abc"], vocab_size=300, num_threads=10**6)
+    with pytest.raises(ValueError, match="num_threads must be from 1 to 1024"):
+        tok.encode_batch(["abc"], num_threads=10**6)
 
 
 def test_bad_ids_and_text(trained):

@@ -206,6 +206,8 @@ class Tokenizer:
             raise ValueError("pass texts (an iterable of str) or files (a list of paths)")
         if isinstance(texts, (str, bytes)):
             raise TypeError("texts must be an iterable of str, not a single string")
+        if isinstance(special_tokens, str) or not all(isinstance(t, str) for t in special_tokens):
+            raise TypeError("special_tokens must be a sequence of str (not a single str)")
         special_tokens = list(special_tokens)
         if len(set(special_tokens)) != len(special_tokens):
             raise ValueError("special_tokens contains duplicates")
@@ -246,6 +248,10 @@ class Tokenizer:
     def _special_sets(
         self, allowed_special: SpecialSet, disallowed_special: SpecialSet
     ) -> tuple[set[str], set[str]]:
+        for name, arg in (("allowed_special", allowed_special),
+                          ("disallowed_special", disallowed_special)):
+            if isinstance(arg, str) and arg != "all":
+                raise TypeError(f"{name} must be 'all' or a set of str, not the str {arg!r}")
         allowed = set(self._special_tokens) if allowed_special == "all" else set(allowed_special)
         if disallowed_special == "all":
             disallowed = set(self._special_tokens) - allowed

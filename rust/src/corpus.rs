@@ -105,6 +105,20 @@ pub(crate) struct FileText {
 }
 
 pub(crate) fn open_text(path: &Path, errors: Utf8Errors) -> Result<FileText> {
+    // Checked before opening: opening a FIFO waits for a writer, and a directory or a
+    // device fails to map with a message that does not say why.
+    let kind = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !kind.is_file() {
+        let what = if kind.is_dir() {
+            "is a directory"
+        } else {
+            "is not a regular file"
+        };
+        return Err(Error::Io {
+            path: path.to_path_buf(),
+            message: format!("{what}; only regular files are read"),
+        });
+    }
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     if len == 0 {

@@ -144,24 +144,8 @@ pub fn count_texts<S: AsRef<str> + Sync>(
 
 /// Reads a whole file as text (memory-mapped), each file being one document.
 pub fn read_text(path: &Path, errors: Utf8Errors) -> Result<String> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-    if len == 0 {
-        return Ok(String::new());
-    }
-    // SAFETY: the map is read-only and only lives in this function; a file truncated by
-    // another process meanwhile is outside what we guard against (as in every mmap reader).
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-    match std::str::from_utf8(&map) {
-        Ok(s) => Ok(s.to_owned()),
-        Err(e) => match errors {
-            Utf8Errors::Strict => Err(Error::InvalidUtf8 {
-                path: path.to_path_buf(),
-                offset: e.valid_up_to(),
-            }),
-            Utf8Errors::Replace => Ok(String::from_utf8_lossy(&map).into_owned()),
-        },
-    }
+    let file = crate::corpus::open_text(path, errors)?;
+    Ok(file.text.to_string())
 }
 
 /// Counts the pieces of files, each file being one document, reading and splitting in Rust.
