@@ -390,6 +390,16 @@ def test_malformed_tokenizer_files_are_value_errors_naming_the_file(tmp_path, tr
         print(what, "ok")
 
 
+def test_missing_files_and_directories_keep_their_os_errors(tmp_path, gpt2_files):
+    for load in (Tokenizer.load, Tokenizer.from_huggingface,
+                 lambda p: Tokenizer.from_tiktoken(p, pattern="gpt2"),
+                 lambda p: Tokenizer.from_gpt2(p, gpt2_files[1])):
+        with pytest.raises(FileNotFoundError):
+            load(tmp_path / "missing.json")
+        with pytest.raises(IsADirectoryError):
+            load(tmp_path)
+
+
 def test_malformed_gpt2_files_are_value_errors_naming_the_file(tmp_path, gpt2_files):
     enc_json, vocab_bpe = gpt2_files
     good_vocab = tmp_path / "vocab.bpe"
