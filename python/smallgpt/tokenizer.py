@@ -602,19 +602,11 @@ class Tokenizer:
         hf_pattern = _to_hf_regex(self.pattern)
         b2u = _bytes_to_unicode()
         tokens = self._core.token_bytes()
-        ranks = {t: i for i, t in enumerate(tokens)}
 
         def u(b: bytes) -> str:
             return "".join(b2u[x] for x in b)
 
-        merges = []
-        for i, t in enumerate(tokens):
-            splits = [
-                (ranks[t[:k]], ranks[t[k:]])
-                for k in range(1, len(t))
-                if t[:k] in ranks and t[k:] in ranks
-            ]
-            merges.extend((i, lr, rr) for lr, rr in sorted(splits))
+        merges = _every_split(tokens)
         data = {
             "version": "1.0",
             "truncation": None,
@@ -720,6 +712,21 @@ class Tokenizer:
         pattern = _pattern_of_hf_pretokenizer(data.get("pre_tokenizer"))
         tokens = [by_id[i] for i in range(len(by_id))]
         return cls(_bpe.CoreTokenizer.from_tokens(tokens, pattern, list(specials.items())))
+
+
+def _every_split(tokens: list[bytes]) -> list[tuple[int, int, int]]:
+    """``(id, left, right)`` for every way each token is two tokens, in id order (then by
+    the parts' ids): as HF merges, the lowest-id concatenation is merged first."""
+    ranks = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for i, t in enumerate(tokens):
+        splits = [
+            (ranks[t[:k]], ranks[t[k:]])
+            for k in range(1, len(t))
+            if t[:k] in ranks and t[k:] in ranks
+        ]
+        merges.extend((i, lr, rr) for lr, rr in sorted(splits))
+    return merges
 
 
 # Hugging Face's `tokenizers` compiles split regexes with Oniguruma's Ruby syntax, where
