@@ -117,6 +117,12 @@ def test_parquet_round_trip(tmp_path, small_tok):
         with pytest.raises(CorpusError, match=expect):
             tokenize_corpus([tmp_path / "d.parquet"], tmp_path / "o2", tokenizer=small_tok,
                             text_field=field)
+    # Dictionary-encoded strings (pandas categoricals) are strings too.
+    pq.write_table(pa.table({"body": pa.array(docs + [None]).dictionary_encode()}),
+                   tmp_path / "cat.parquet")
+    tokenize_corpus([tmp_path / "cat.parquet"], tmp_path / "o4", tokenizer=small_tok,
+                    text_field="body", val_fraction=0)
+    assert decode_split(tmp_path / "o4", "train") == docs
     (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(CorpusError, match="not a readable parquet file"):
         tokenize_corpus([tmp_path / "bad.parquet"], tmp_path / "o3", tokenizer=small_tok)

@@ -119,7 +119,7 @@ def _parquet_to_jsonl(path: Path, field: str, dest: Path) -> None:
     if field not in schema.names:
         raise CorpusError(f"{path}: no column {field!r} (columns: {', '.join(schema.names)})")
     kind = schema.field(field).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+    if not _is_text_type(pa, kind):
         raise CorpusError(f"{path}: column {field!r} holds {kind}, not strings")
     dumps = json.dumps
     try:
@@ -131,6 +131,18 @@ def _parquet_to_jsonl(path: Path, field: str, dest: Path) -> None:
                 )
     except (OSError, pa.ArrowException) as e:
         raise CorpusError(f"{path}: could not read the parquet file ({e})") from None
+
+
+def _is_text_type(pa: Any, kind: Any) -> bool:
+    """Whether a parquet column of arrow type ``kind`` reads as strings (or nulls): plain,
+    large and view strings, dictionary-encoded strings (pandas categoricals), all-null."""
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    is_view = getattr(pa.types, "is_string_view", lambda _: False)
+    return bool(
+        pa.types.is_string(kind) or pa.types.is_large_string(kind) or is_view(kind)
+        or pa.types.is_null(kind)
+    )
 
 
 def load_any_tokenizer(
