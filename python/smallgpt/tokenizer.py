@@ -200,7 +200,9 @@ class Tokenizer:
         Raises:
             ValueError: vocab_size too small, bad arguments, invalid pattern or UTF-8.
             FileNotFoundError: a file in ``files`` does not exist.
-            TypeError: an item of ``texts`` is not a ``str``.
+            OSError: a file in ``files`` is a directory, a pipe or a device, or unreadable.
+            TypeError: an item of ``texts`` is not a ``str``, or ``special_tokens`` is not
+                a sequence of ``str``.
         """
         if texts is None and files is None:
             raise ValueError("pass texts (an iterable of str) or files (a list of paths)")
