@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from smallgpt import Tokenizer
-from smallgpt.corpus import CorpusError, tokenize_corpus
+from smallgpt.corpus import MIN_SHARD_TOKENS, CorpusError, tokenize_corpus
 from smallgpt.data import read_shard
 
 EOT = "<|endoftext|>"
@@ -42,7 +42,7 @@ def test_txt_files_round_trip(tmp_path, small_tok, sample_texts):
         (tmp_path / "in" / f"{i:02d}.txt").write_text(d, encoding="utf-8")
     (tmp_path / "in" / "empty.txt").write_text("")
     meta = tokenize_corpus([tmp_path / "in"], tmp_path / "out", tokenizer=small_tok,
-                           val_fraction=0.3, shard_tokens=5000)
+                           val_fraction=0.3, shard_tokens=MIN_SHARD_TOKENS)
     assert meta["splits"]["train"]["documents"] == 4 and meta["splits"]["val"]["documents"] == 2
     assert len(meta["splits"]["train"]["shards"]) > 1
     got = decode_split(tmp_path / "out", "train") + decode_split(tmp_path / "out", "val")
@@ -66,6 +66,37 @@ def test_separator_and_jsonl(tmp_path, small_tok):
     assert meta["splits"]["val"]["documents"] == 2
 
 
+def test_jsonl_nulls_are_dropped_and_lone_surrogates_follow_errors(tmp_path, small_tok):
+    lines = ['{"text": "first"}', '{"text": null}', '{"text": "a\\ud800b \\ud83d\\ude00"}',
+             '{"text": "a \\\\ud800 literal"}', '{"text": "last"}']
+    (tmp_path / "d.jsonl").write_text("\ufeff" + "\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"d\.jsonl:3: .*lone surrogate.*errors=\"replace\""):
+        tokenize_corpus([tmp_path / "d.jsonl"], tmp_path / "o1", tokenizer=small_tok)
+    out = tmp_path / "o2"
+    meta = tokenize_corpus([tmp_path / "d.jsonl"], out, tokenizer=small_tok, val_fraction=0,
+                           errors="replace")
+    assert decode_split(out, "train") == ["first", "a\ufffdb \U0001f600", "a \\ud800 literal",
+                                          "last"]
+    assert meta["splits"]["train"]["documents"] == 4
+    (tmp_path / "d.jsonl").write_text('{"text": 5}\n')
+    with pytest.raises(ValueError, match=r"d\.jsonl:1: field \"text\" is not a string"):
+        tokenize_corpus([tmp_path / "d.jsonl"], tmp_path / "o3", tokenizer=small_tok)
+
+
+def test_every_documented_suffix_is_read_from_directories(tmp_path, small_tok):
+    (tmp_path / "in").mkdir()
+    for i, suffix in enumerate([".txt", ".text", ".md", ".jsonl", ".ndjson", ".csv"]):
+        text = f"document {i}"
+        if suffix in (".jsonl", ".ndjson"):
+            text = json.dumps({"text": text})
+        (tmp_path / "in" / f"{i}{suffix}").write_text(text)
+    meta = tokenize_corpus([tmp_path / "in"], tmp_path / "out", tokenizer=small_tok,
+                           val_fraction=0)
+    assert decode_split(tmp_path / "out", "train") == [f"document {i}" for i in range(5)]
+    assert [Path(p).suffix for p in meta["inputs"]] == [".txt", ".text", ".md", ".jsonl",
+                                                         ".ndjson"]
+
+
 def test_parquet_round_trip(tmp_path, small_tok):
     import pyarrow as pa  # in the [test] extra; without it, see the next test
     import pyarrow.parquet as pq
@@ -86,6 +117,12 @@ def test_parquet_round_trip(tmp_path, small_tok):
         with pytest.raises(CorpusError, match=expect):
             tokenize_corpus([tmp_path / "d.parquet"], tmp_path / "o2", tokenizer=small_tok,
                             text_field=field)
+    # Dictionary-encoded strings (pandas categoricals) are strings too.
+    pq.write_table(pa.table({"body": pa.array(docs + [None]).dictionary_encode()}),
+                   tmp_path / "cat.parquet")
+    tokenize_corpus([tmp_path / "cat.parquet"], tmp_path / "o4", tokenizer=small_tok,
+                    text_field="body", val_fraction=0)
+    assert decode_split(tmp_path / "o4", "train") == docs
     (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(CorpusError, match="not a readable parquet file"):
         tokenize_corpus([tmp_path / "bad.parquet"], tmp_path / "o3", tokenizer=small_tok)
@@ -185,9 +222,62 @@ def test_cli_happy_path(tmp_path, sample_texts):
     assert (tmp_path / "o" / "meta.json").exists()
 
 
+# Arguments replacing `--vocab-size 300`, and what the one-line error must say.
+BAD_FLAGS = {
+    "vocab_huge": (["--vocab-size", "1099511627776"], "at most 2,147,483,647"),
+    "vocab_small": (["--vocab-size", "5"], ">= 256 + 1 special tokens"),
+    "vocab_dtype": (["--vocab-size", "70000", "--dtype", "uint16"], "does not fit in uint16"),
+    "no_eot": (["--vocab-size", "300", "--special-tokens"], "must include <|endoftext|>"),
+    "dup_special": (["--vocab-size", "300", "--special-tokens", "<|endoftext|>",
+                     "<|endoftext|>"], "distinct"),
+    "max_len_low": (["--vocab-size", "300", "--max-token-length", "1"], "from 2 to 65,535"),
+    "max_len_high": (["--vocab-size", "300", "--max-token-length", "65536"], "from 2 to 65,535"),
+    "max_len_gpt2": (["--gpt2", "GPT2", "--max-token-length", "9"], "only when training"),
+    "pattern_gpt2": (["--gpt2", "GPT2", "--pattern", "gpt2"], "only to training and .tiktoken"),
+    "bad_pattern": (["--vocab-size", "300", "--pattern", "(unclosed"], "invalid pre-tokeniz"),
+    "shard_1": (["--vocab-size", "300", "--shard-tokens", "1"], "from 65,536 to"),
+    "shard_huge": (["--vocab-size", "300", "--shard-tokens", "3000000000"], "to 2,147,483,647"),
+    "workers_0": (["--vocab-size", "300", "--workers", "0"], "from 1 to 1,024"),
+    "workers_huge": (["--vocab-size", "300", "--workers", "100000"], "from 1 to 1,024"),
+    "val_nan": (["--vocab-size", "300", "--val-fraction", "nan"], "below 1, got nan"),
+    "val_big": (["--vocab-size", "300", "--val-fraction", "1.5"], "below 1, got 1.5"),
+    "val_neg": (["--vocab-size", "300", "--val-fraction", "-0.1"], "at least 0"),
+    "val_text": (["--vocab-size", "300", "--val-fraction", "half"], "not a number"),
+    "empty_sep": (["--vocab-size", "300", "--doc-separator", ""], "--doc-separator is empty"),
+    "tok_dir": (["--tokenizer", "TMP"], "is a directory"),
+    "tok_binary": (["--tokenizer", "TMP/bin.json"], "unknown tokenizer format"),
+    "tok_json_pattern": (["--tokenizer", "TMP/tok.json", "--pattern", "gpt2"],
+                         "records its own pattern"),
+    "tiktoken_no_pattern": (["--tokenizer", "TMP/mine.tiktoken"], "--pattern"),
+    "tiktoken_bad_line": (["--tokenizer", "TMP/bad.tiktoken", "--pattern", "gpt2"],
+                          "bad.tiktoken:1: not a tiktoken rank line"),
+    "gpt2_bad_encoder": (["--gpt2", "TMP/g"], "encoder.json: not a JSON file"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FLAGS))
+def test_cli_bad_flags_are_one_line_errors(tmp_path, case, small_tok, gpt2_files):
+    (tmp_path / "good.txt").write_text("some text here")
+    (tmp_path / "bin.json").write_bytes(b"\x89PNG\x00\xff")
+    small_tok.save(tmp_path / "tok.json")
+    small_tok.save_tiktoken(tmp_path / "mine.tiktoken")
+    (tmp_path / "bad.tiktoken").write_text("YQ== 0 extra\n")
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "encoder.json").write_text("{bad")
+    (tmp_path / "g" / "vocab.bpe").write_bytes(gpt2_files[1].read_bytes())
+    flags, expect = BAD_FLAGS[case]
+    flags = [f.replace("TMP", str(tmp_path)).replace("GPT2", str(gpt2_files[0].parent))
+             for f in flags]
+    r = run_cli(str(tmp_path / "good.txt"), "--out", str(tmp_path / "out"), *flags)
+    assert r.returncode == 2, r
+    assert r.stderr.startswith("smallgpt-tokenize: error:") and expect in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     "case",
-    ["missing", "utf8", "empty", "exists", "badtok", "unknownfmt"],
+    ["missing", "utf8", "empty", "exists", "badtok", "unknownfmt", "devnull", "surrogate"],
 )
 def test_cli_bad_input(tmp_path, case, small_tok):
     good = tmp_path / "good.txt"
@@ -195,13 +285,20 @@ def test_cli_bad_input(tmp_path, case, small_tok):
     out = tmp_path / "out"
     args = [str(good), "--out", str(out), "--vocab-size", "300"]
     expect = ""
-    if case == "missing":
+    if case == "devnull":
+        args[0] = "/dev/null"
+        expect = "/dev/null: not a regular file"
+    elif case == "surrogate":
+        (tmp_path / "s.jsonl").write_text('{"text": "a\\ud800"}\n')
+        args[0] = str(tmp_path / "s.jsonl")
+        expect = "s.jsonl:1: a \\u escape of a lone surrogate"
+    elif case == "missing":
         args[0] = str(tmp_path / "nope.txt")
         expect = "nope.txt"
     elif case == "utf8":
         (tmp_path / "bad.txt").write_bytes(b"ok ok \xc3\x28 more")
         args[0] = str(tmp_path / "bad.txt")
-        expect = "bad.txt: invalid UTF-8 at byte offset 6"
+        expect = "bad.txt: invalid UTF-8 at byte offset 6 (pass --errors replace to"
     elif case == "empty":
         (tmp_path / "empty.txt").write_text("")
         args[0] = str(tmp_path / "empty.txt")
@@ -222,9 +319,65 @@ def test_cli_bad_input(tmp_path, case, small_tok):
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     if case != "exists":
         assert not list(out.glob("*.bin")) if out.exists() else True
-    if case == "utf8":
+    if case in ("utf8", "surrogate"):
+        assert "--errors replace" in r.stderr
         r = run_cli(*args, "--errors", "replace")
         assert r.returncode == 0, r.stderr
+
+
+def test_cli_doc_separator_keeps_non_ascii_and_escapes(tmp_path, gpt2_files):
+    docs = ["première §", "zweite", "третий \\n"]
+    (tmp_path / "in.txt").write_text("§\n".join(docs), encoding="utf-8")
+    out = tmp_path / "out"
+    r = run_cli(str(tmp_path / "in.txt"), "--out", str(out), "--gpt2",
+                str(gpt2_files[0].parent), "--doc-separator", "§\\n", "--val-fraction", "0")
+    assert r.returncode == 0, r.stderr
+    assert decode_split(out, "train") == docs
+
+
+def test_unescape_is_shared_and_documented():
+    from smallgpt.cli import unescape
+
+    assert unescape("§\\n") == "§\n"
+    assert unescape("a\\tb\\r\\n\\0\\\\n") == "a\tb\r\n\0\\n"
+    assert unescape("C:\\dir\\x41 \\u00e9 日本") == "C:\\dir\\x41 \\u00e9 日本"
+    assert unescape("trailing\\") == "trailing\\"
+
+
+def test_cli_tiktoken_file_takes_pattern_and_special_tokens(tmp_path, small_tok):
+    # A tokenizer saved as .tiktoken (no pattern, no special tokens) is usable again with
+    # --pattern, and gets <|endoftext|> after its ranks, as training numbered it...
+    (tmp_path / "t.txt").write_text("the cat sat on the mat\n" * 50)
+    small_tok.save_tiktoken(tmp_path / "mine.tiktoken")
+    r = run_cli(str(tmp_path / "t.txt"), "--out", str(tmp_path / "a"), "--tokenizer",
+                str(tmp_path / "mine.tiktoken"), "--pattern", "gpt4", "--val-fraction", "0")
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((tmp_path / "a" / "meta.json").read_text())
+    assert meta["eot_id"] == small_tok.eot_id and meta["vocab_size"] == small_tok.vocab_size
+    assert decode_split(tmp_path / "a", "train") == ["the cat sat on the mat\n" * 50]
+    # ...and a small file that is merely named like OpenAI's gets no cl100k special tokens
+    # (before, its <|endoftext|> was id 100257 in a 700-id vocabulary: uint32 shards).
+    small_tok.save_tiktoken(tmp_path / "cl100k_base.tiktoken")
+    r = run_cli(str(tmp_path / "t.txt"), "--out", str(tmp_path / "b"), "--tokenizer",
+                str(tmp_path / "cl100k_base.tiktoken"), "--pattern", "gpt4")
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((tmp_path / "b" / "meta.json").read_text())
+    assert (meta["eot_id"], meta["vocab_size"], meta["dtype"]) == (699, 700, "uint16")
+
+
+def test_cli_max_token_length_and_huge_repeated_pieces(tmp_path):
+    # One 300 KB piece: training used to make a 65536-byte token and fail after training.
+    (tmp_path / "a.txt").write_text("a" * 300_000)
+    for flags, longest in ([], 65535), (["--max-token-length", "100"], 100):
+        out = tmp_path / f"out{longest}"
+        r = run_cli(str(tmp_path / "a.txt"), "--out", str(out), "--vocab-size", "2000",
+                    "--quiet", *flags)
+        assert r.returncode == 0, r.stderr
+        tok = Tokenizer.load(out / "tokenizer.json")
+        lengths = [len(tok.token_bytes(i)) for i in range(tok.n_ordinary)]
+        assert max(lengths) <= longest and max(lengths) > longest // 2
+        train = decode_split(out, "train") + decode_split(out, "val")
+        assert "".join(train) == "a" * 300_000
 
 
 def test_overwrite_replaces(tmp_path):

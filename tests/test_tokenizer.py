@@ -5,6 +5,10 @@ from __future__ import annotations
 import base64
 import inspect
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -154,6 +158,47 @@ def test_min_frequency_and_max_token_length(sample_texts):
     assert all(len(short.token_bytes(i)) <= 3 for i in range(short.n_ordinary))
 
 
+def test_huge_vocab_size_is_a_value_error_not_an_abort():
+    # In a child process: before the fix this aborted the interpreter (Rust allocation
+    # failure), which would take pytest down with it.
+    code = """
+import sys
+from smallgpt import Tokenizer, _bpe
+for size in (2**40, 2**31, 2**64 + 5):
+    try:
+        Tokenizer.train(["hello world"], vocab_size=size)
+    except ValueError as e:
+        assert "at most 2,147,483,647" in str(e), e
+    else:
+        sys.exit("no error for %d" % size)
+t = _bpe.Trainer("gpt2")
+t.feed(["hello world"])
+try:
+    t.train(2**40, 1)
+except ValueError as e:
+    assert "merges asked for" in str(e), e
+else:
+    sys.exit("no error from the Rust trainer")
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_training_never_makes_a_token_the_encoder_cannot_hold():
+    assert reference_bpe.MAX_TOKEN_LENGTH == _bpe.MAX_TOKEN_LENGTH == 65535
+    tok = Tokenizer.train(["a" * 200_000], vocab_size=2000)
+    lengths = [len(tok.token_bytes(i)) for i in range(tok.n_ordinary)]
+    assert max(lengths) <= 65535 and max(lengths) >= 2**15
+    text = "a" * 200_000 + " b"
+    assert tok.decode(tok.encode_ordinary(text)) == text
+    capped = Tokenizer.train(["a" * 200_000], vocab_size=2000, max_token_length=1000)
+    assert max(len(capped.token_bytes(i)) for i in range(capped.n_ordinary)) <= 1000
+    for bad in (1, 65536, 2.0, True):
+        with pytest.raises(ValueError, match="max_token_length must be an int from 2 to 65535"):
+            Tokenizer.train(["abc"], vocab_size=300, max_token_length=bad)
+
+
 # --------------------------------------------------------------------------- persistence
 
 
@@ -208,6 +253,32 @@ def test_huggingface_export(tmp_path, trained, gpt2, sample_texts):
             assert back.encode_ordinary(text) == ids
         assert hf.decode(tok.encode_ordinary("héllo wörld")) == "héllo wörld"
         assert back.special_tokens == tok.special_tokens
+        assert back.pattern == tok.pattern  # the HF form of a named pattern maps back
+
+
+def test_huggingface_export_of_numbers_and_custom_patterns(tmp_path):
+    import tokenizers
+
+    numbers = " ".join(str(i * 7919 % 100003) for i in range(3000))
+    path = tmp_path / "tokenizer.json"
+    tok = Tokenizer.train([numbers], vocab_size=1500, pattern="gpt4")
+    tok.save_huggingface(path)
+    hf = tokenizers.Tokenizer.from_file(str(path))
+    assert tok.encode_ordinary("1766") == [tok.encode_ordinary(s)[0] for s in ("176", "6")]
+    for text in ("1766", "year 2024: 12345678 items", numbers):
+        assert hf.encode(text, add_special_tokens=False).ids == tok.encode_ordinary(text)
+    # A custom pattern that Oniguruma reads like fancy-regex is written as it is...
+    custom = Tokenizer.train([numbers], vocab_size=400, pattern=r"\d{1,3}|\s+|[^\d\s]+")
+    custom.save_huggingface(path)
+    hf = tokenizers.Tokenizer.from_file(str(path))
+    assert hf.encode(numbers, add_special_tokens=False).ids == custom.encode_ordinary(numbers)
+    assert Tokenizer.from_huggingface(path).pattern == custom.pattern
+    # ...one with a construct it reads differently is refused, and nothing is written.
+    for pattern, construct in [(r"\d{1,3}+|\D+", "'{1,3}+'"), (r"\S+|\s+$|\s", "'$'")]:
+        bad = Tokenizer.train(["a 12 b"], vocab_size=260, pattern=pattern)
+        with pytest.raises(ValueError, match=re.escape(construct) + ".*Oniguruma"):
+            bad.save_huggingface(tmp_path / "refused.json")
+        assert not (tmp_path / "refused.json").exists()
 
 
 # --------------------------------------------------------------------------- bad input
@@ -234,6 +305,37 @@ def test_bad_training_input(tmp_path):
     assert tok.vocab_size > 256
 
 
+def test_files_that_are_not_regular_files(tmp_path):
+    # In a child process with a timeout: opening a FIFO used to wait for a writer forever.
+    os.mkfifo(tmp_path / "fifo")
+    code = f"""
+from smallgpt import Tokenizer
+for name, why in [("fifo", "is not a regular file"), ("", "is a directory")]:
+    try:
+        Tokenizer.train(files=[{str(tmp_path)!r} + "/" + name], vocab_size=300)
+    except OSError as e:
+        assert why in str(e), e
+    else:
+        raise SystemExit("no error for " + name)
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_argument_types_are_checked_before_training():
+    for bad in ("<|endoftext|>", [1, 2]):
+        with pytest.raises(TypeError, match="special_tokens must be a sequence of str"):
+            Tokenizer.train(["abc"], vocab_size=300, special_tokens=bad)
+    tok = Tokenizer.train(["abc"], vocab_size=300)
+    with pytest.raises(TypeError, match="allowed_special must be 'all' or a set"):
+        tok.encode("abc", allowed_special=EOT)
+    with pytest.raises(ValueError, match="num_threads must be from 1 to 1024"):
+        Tokenizer.train(["abc"], vocab_size=300, num_threads=10**6)
+    with pytest.raises(ValueError, match="num_threads must be from 1 to 1024"):
+        tok.encode_batch(["abc"], num_threads=10**6)
+
+
 def test_bad_ids_and_text(trained):
     with pytest.raises(ValueError, match="unknown token id"):
         trained.decode([10**6])
@@ -255,6 +357,124 @@ def test_bad_vocabulary_files(tmp_path):
     j.write_text(json.dumps({"model": {"type": "Unigram"}}))
     with pytest.raises(ValueError, match="not BPE"):
         Tokenizer.from_huggingface(j)
+
+
+def _malformed_tokenizer_files(trained) -> dict[str, object]:
+    """Tokenizer files that are JSON (or not) but wrong, by what is wrong."""
+    good = json.loads(trained.to_json_str())
+    cases: dict[str, object] = {
+        "binary": b"\x89PNG\r\n\x1a\n\x00\xff",
+        "nested": "[" * 100_000 + "]" * 100_000,
+        "a list": [1, 2],
+        "no merges": {k: v for k, v in good.items() if k != "merges"},
+    }
+    for key, value in [("merges", [[-1, 5]]), ("merges", [[10**30, 1]]), ("merges", "ab"),
+                       ("merges", [[1, 2, 3]]), ("merges", [[300, 301]]), ("pattern", 5),
+                       ("pattern", "(unclosed"), ("special_tokens", {"x": -1}),
+                       ("special_tokens", {"x": "y"}), ("special_tokens", [1]),
+                       ("byte_order", "xyz"), ("byte_order", [300] * 256),
+                       ("byte_order", [0] * 256)]:
+        cases[f"{key}={value!r}"] = {**good, key: value}
+    return cases
+
+
+def test_malformed_tokenizer_files_are_value_errors_naming_the_file(tmp_path, trained):
+    for what, content in _malformed_tokenizer_files(trained).items():
+        p = tmp_path / "tok.json"
+        if isinstance(content, bytes):
+            p.write_bytes(content)
+        else:
+            p.write_text(content if isinstance(content, str) else json.dumps(content))
+        with pytest.raises(ValueError, match=re.escape(str(p))):
+            Tokenizer.load(p)
+        print(what, "ok")
+
+
+def test_missing_files_and_directories_keep_their_os_errors(tmp_path, gpt2_files):
+    for load in (Tokenizer.load, Tokenizer.from_huggingface,
+                 lambda p: Tokenizer.from_tiktoken(p, pattern="gpt2"),
+                 lambda p: Tokenizer.from_gpt2(p, gpt2_files[1])):
+        with pytest.raises(FileNotFoundError):
+            load(tmp_path / "missing.json")
+        with pytest.raises(IsADirectoryError):
+            load(tmp_path)
+
+
+def test_malformed_gpt2_files_are_value_errors_naming_the_file(tmp_path, gpt2_files):
+    enc_json, vocab_bpe = gpt2_files
+    good_vocab = tmp_path / "vocab.bpe"
+    good_vocab.write_bytes(vocab_bpe.read_bytes())
+    encoder = json.loads(enc_json.read_text(encoding="utf-8"))
+    bad = tmp_path / "encoder.json"
+    for content in ["{bad", "[1, 2]", json.dumps({**encoder, "a": "x"}),
+                    json.dumps({**encoder, EOT: 2**40}), json.dumps({**encoder, EOT: 5})]:
+        bad.write_text(content, encoding="utf-8")
+        with pytest.raises(ValueError, match=re.escape(str(bad))):
+            Tokenizer.from_gpt2(bad, good_vocab)
+    bad_vocab = tmp_path / "bad.bpe"
+    bad_vocab.write_bytes(b"#version: 0.2\n\xff\xfe x\n")
+    with pytest.raises(ValueError, match=re.escape(str(bad_vocab))):
+        Tokenizer.from_gpt2(enc_json, bad_vocab)
+
+
+def test_malformed_tiktoken_files(tmp_path):
+    p = tmp_path / "x.tiktoken"
+    a = base64.b64encode(b"a").decode()
+    for lines in ([f"{a} 0 extra"], [f"{a} zero"], ["!!!! 0"], [f"{a}"]):
+        p.write_text("\n".join(lines) + "\n")
+        with pytest.raises(ValueError, match=re.escape(f"{p}:1: not a tiktoken rank line")):
+            Tokenizer.from_tiktoken(p, pattern="gpt2")
+    p.write_text(f"{a} 5\n")
+    with pytest.raises(ValueError, match="ranks are not 0..0"):
+        Tokenizer.from_tiktoken(p, pattern="gpt2")
+    p.write_bytes(b"\x00\xff\xfe garbage\n")
+    with pytest.raises(ValueError, match="not a tiktoken rank line"):
+        Tokenizer.from_tiktoken(p, pattern="gpt2")
+
+
+def test_tiktoken_files_are_openai_only_by_name_and_size(tmp_path, trained):
+    # A small file that happens to be called cl100k_base.tiktoken is not OpenAI's: it gets
+    # neither cl100k's pattern nor its special tokens (ids 100257.. in a 600-token vocabulary).
+    p = tmp_path / "cl100k_base.tiktoken"
+    trained.save_tiktoken(p)
+    with pytest.raises(ValueError, match="pattern=.*599 ranks, OpenAI's cl100k_base 100256"):
+        Tokenizer.from_tiktoken(p)
+    tok = Tokenizer.from_tiktoken(p, pattern="gpt4")
+    assert tok.special_tokens == {} and tok.vocab_size == 599
+    # Names given as a list get the ids after the ranks, as training numbers them.
+    tok = Tokenizer.from_tiktoken(p, pattern="gpt4", special_tokens=[EOT])
+    assert tok.special_tokens == trained.special_tokens == {EOT: 599}
+    with pytest.raises(ValueError, match="out of range"):
+        Tokenizer.from_tiktoken(p, pattern="gpt4", special_tokens={EOT: 2**40})
+
+
+def test_malformed_huggingface_files(tmp_path, trained):
+    good_path = tmp_path / "good.json"
+    trained.save_huggingface(good_path)
+    good = json.loads(good_path.read_text(encoding="utf-8"))
+    split = good["pre_tokenizer"]["pretokenizers"][0]
+    cases = [
+        [1, 2], {"model": [1]}, {"model": "BPE"}, {**good, "model": {"type": "BPE"}},
+        {**good, "model": {**good["model"], "vocab": [1, 2]}},
+        {**good, "model": {**good["model"], "vocab": {"a": "x"}}},
+        {**good, "model": {**good["model"], "vocab": {"a": 2**70}}},
+        {**good, "added_tokens": [5]},
+        {**good, "pre_tokenizer": {"type": "Sequence", "pretokenizers": 3}},
+        {**good, "pre_tokenizer": {**split, "behavior": "Removed"}},
+        {**good, "pre_tokenizer": {**split, "invert": True}},
+        {**good, "pre_tokenizer": {**split, "pattern": {"Regex": "(unclosed"}}},
+        {**good, "pre_tokenizer": {**split, "pattern": {"String": ""}}},
+        {**good, "pre_tokenizer": None},
+    ]
+    p = tmp_path / "tokenizer.json"
+    for data in cases:
+        p.write_text(json.dumps(data))
+        with pytest.raises(ValueError, match=re.escape(str(p))):
+            Tokenizer.from_huggingface(p)
+    # A Split on a plain string: the separators and the text between them are the pieces.
+    p.write_text(json.dumps({**good, "pre_tokenizer": {**split, "pattern": {"String": "a b"}}}))
+    tok = Tokenizer.from_huggingface(p)
+    assert _bpe.pretokenize(tok.pattern, "xa ba b\nz.") == ["x", "a b", "a b", "\nz."]
 
 
 def test_numpy_outputs_match_lists_and_keep_special_rules(gpt2):

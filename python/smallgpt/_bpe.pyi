@@ -5,6 +5,9 @@ from typing import Optional, Sequence
 GPT2_PATTERN: str
 CL100K_PATTERN: str
 O200K_PATTERN: str
+MAX_TOKEN_LENGTH: int
+MAX_VOCAB_SIZE: int
+MAX_THREADS: int
 
 class CoreTokenizer:
     @staticmethod

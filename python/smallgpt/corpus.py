@@ -18,7 +18,13 @@ from typing import Any, Optional, Sequence, Union
 
 from smallgpt import _bpe
 from smallgpt._io import atomic_write_text
-from smallgpt.tokenizer import EOT, Tokenizer
+from smallgpt.tokenizer import (
+    EOT,
+    Tokenizer,
+    _read_tiktoken,
+    check_train_sizes,
+    openai_vocabulary,
+)
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -27,6 +33,11 @@ META_VERSION = 1
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
+#: Fewest tokens per shard: smaller shards only make many files (``--shard-tokens 1`` wrote a
+#: file per token) and hold fewer training windows than a shard should.
+MIN_SHARD_TOKENS = 1 << 16
+#: Most tokens per shard: the llm.c header holds the count as an int32.
+MAX_SHARD_TOKENS = 2**31 - 1
 
 
 class CorpusError(ValueError):
@@ -34,11 +45,13 @@ class CorpusError(ValueError):
 
 
 def expand_inputs(inputs: Sequence[PathLike]) -> list[Path]:
-    """Files named directly, the text/jsonl files under directories (sorted), and globs."""
+    """Files named directly, the text/jsonl/parquet files under directories (sorted), and
+    globs. A file named directly is read whatever its suffix (as text unless .jsonl,
+    .ndjson or .parquet)."""
     files: list[Path] = []
     for item in inputs:
         s = os.fspath(item)
-        if any(c in s for c in "*?["):
+        if any(c in s for c in "*?[") and not os.path.lexists(s):
             matches = sorted(Path(m) for m in glob.glob(s, recursive=True) if Path(m).is_file())
             if not matches:
                 raise CorpusError(f"no file matches {s!r}")
@@ -52,10 +65,15 @@ def expand_inputs(inputs: Sequence[PathLike]) -> list[Path]:
                 and f.suffix.lower() in TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
             )
             if not found:
-                raise CorpusError(f"{p}: directory holds no .txt, .jsonl or .parquet file")
+                raise CorpusError(
+                    f"{p}: directory holds no "
+                    f"{', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES)} file"
+                )
             files.extend(found)
         elif p.is_file():
             files.append(p)
+        elif p.exists():
+            raise CorpusError(f"{p}: not a regular file (a device, pipe or socket cannot be read)")
         else:
             raise CorpusError(f"{p}: no such file or directory")
     if not files:
@@ -101,7 +119,7 @@ def _parquet_to_jsonl(path: Path, field: str, dest: Path) -> None:
     if field not in schema.names:
         raise CorpusError(f"{path}: no column {field!r} (columns: {', '.join(schema.names)})")
     kind = schema.field(field).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+    if not _is_text_type(pa, kind):
         raise CorpusError(f"{path}: column {field!r} holds {kind}, not strings")
     dumps = json.dumps
     try:
@@ -115,22 +133,70 @@ def _parquet_to_jsonl(path: Path, field: str, dest: Path) -> None:
         raise CorpusError(f"{path}: could not read the parquet file ({e})") from None
 
 
-def load_any_tokenizer(path: PathLike) -> Tokenizer:
-    """Loads our JSON, a Hugging Face ``tokenizer.json`` or a ``.tiktoken`` file."""
+def _is_text_type(pa: Any, kind: Any) -> bool:
+    """Whether a parquet column of arrow type ``kind`` reads as strings (or nulls): plain,
+    large and view strings, dictionary-encoded strings (pandas categoricals), all-null."""
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    is_view = getattr(pa.types, "is_string_view", lambda _: False)
+    return bool(
+        pa.types.is_string(kind) or pa.types.is_large_string(kind) or is_view(kind)
+        or pa.types.is_null(kind)
+    )
+
+
+def load_any_tokenizer(
+    path: PathLike,
+    pattern: Optional[str] = None,
+    special_tokens: Optional[Sequence[str]] = None,
+) -> Tokenizer:
+    """Loads our JSON, a Hugging Face ``tokenizer.json`` or a ``.tiktoken`` file.
+
+    ``pattern`` and ``special_tokens`` apply to ``.tiktoken`` files only, which record
+    neither: OpenAI's files (by name and size) default to tiktoken's, any other needs
+    ``pattern`` and gets ``special_tokens`` (default ``<|endoftext|>``) after its ranks.
+    """
     p = Path(path)
+    if p.is_dir():
+        raise CorpusError(f"{p}: is a directory; name the tokenizer file in it")
     if not p.is_file():
         raise CorpusError(f"{p}: tokenizer file not found")
     if p.suffix == ".tiktoken":
-        return Tokenizer.from_tiktoken(p)
+        return _load_tiktoken(p, pattern, special_tokens)
+    if pattern is not None or special_tokens is not None:
+        raise CorpusError(
+            f"{p}: a JSON tokenizer records its own pattern and special tokens; the pattern "
+            "and special tokens options apply only to .tiktoken files and to training"
+        )
     try:
         head = json.loads(p.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise CorpusError(f"{p}: unknown tokenizer format (not JSON or .tiktoken)") from None
     if isinstance(head, dict) and head.get("format") == "smallgpt-tokenizer":
         return Tokenizer.load(p)
     if isinstance(head, dict) and "model" in head:
         return Tokenizer.from_huggingface(p)
     raise CorpusError(f"{p}: unknown tokenizer format")
+
+
+def _load_tiktoken(
+    p: Path, pattern: Optional[str], special_tokens: Optional[Sequence[str]]
+) -> Tokenizer:
+    tokens = _read_tiktoken(p)
+    openai = openai_vocabulary(p, len(tokens))
+    if openai is not None and special_tokens is not None:
+        raise CorpusError(
+            f"{p} is OpenAI's {openai}, whose special tokens are fixed; "
+            "special tokens can only be given for other .tiktoken files"
+        )
+    if pattern is None and openai is None:
+        raise CorpusError(
+            f"{p}: a .tiktoken file does not record its pre-tokenizer: pass the pattern it "
+            "was trained with (--pattern / pattern=: gpt2, cl100k/gpt4, o200k or a regex)"
+        )
+    if openai is None and special_tokens is None:
+        special_tokens = [EOT]
+    return Tokenizer._from_ranks(tokens, p, pattern, special_tokens)
 
 
 def _existing_outputs(out: Path) -> list[Path]:
@@ -146,8 +212,9 @@ def tokenize_corpus(
     tokenizer: Union[Tokenizer, PathLike, None] = None,
     gpt2_dir: Optional[PathLike] = None,
     vocab_size: Optional[int] = None,
-    pattern: str = "gpt4",
-    special_tokens: Sequence[str] = (EOT,),
+    pattern: Optional[str] = None,
+    special_tokens: Optional[Sequence[str]] = None,
+    max_token_length: Optional[int] = None,
     val_fraction: float = 0.005,
     shard_tokens: int = 100_000_000,
     doc_separator: Optional[str] = None,
@@ -162,11 +229,18 @@ def tokenize_corpus(
 
     Exactly one tokenizer source: ``tokenizer`` (a :class:`Tokenizer` or a file in any
     format :func:`load_any_tokenizer` reads), ``gpt2_dir`` (``encoder.json`` +
-    ``vocab.bpe``), or ``vocab_size`` to train a new one on the inputs first.
+    ``vocab.bpe``), or ``vocab_size`` to train a new one on the inputs first (with
+    ``pattern``, default ``"gpt4"``, ``special_tokens``, default ``[<|endoftext|>]``, which
+    must include ``<|endoftext|>``, and ``max_token_length``). ``pattern`` and
+    ``special_tokens`` also apply to a ``.tiktoken`` tokenizer file (see
+    :func:`load_any_tokenizer`), and to nothing else.
 
-    Each ``.txt`` file is one document (or several, split on ``doc_separator``); each line of
-    a ``.jsonl`` file is one, taken from ``text_field``, and so is each row of a ``.parquet``
-    file (column ``text_field``; needs ``pyarrow``). Empty documents are dropped. Every
+    Each text file (``.txt``, ``.text``, ``.md``, or any file named directly whose suffix is
+    not one of the others) is one document, or several split on ``doc_separator``; each line
+    of a ``.jsonl``/``.ndjson`` file is one, taken from ``text_field``, and so is each row of
+    a ``.parquet``
+    file (column ``text_field``; needs ``pyarrow``). Empty documents, and null values of
+    ``text_field`` in JSON lines and parquet, are dropped. Every
     document is preceded by the end-of-text token. The last ``ceil(val_fraction * documents)``
     documents form the validation split; a single document is split by characters instead
     (validation = its last ``val_fraction`` of characters, nanoGPT's split).
@@ -174,16 +248,8 @@ def tokenize_corpus(
     Returns the metadata written to ``meta.json``. Raises :class:`CorpusError` (a
     ``ValueError``) for bad input, ``KeyboardInterrupt`` if interrupted (no shard is left).
     """
-    if sum(x is not None for x in (tokenizer, gpt2_dir, vocab_size)) != 1:
-        raise CorpusError("give exactly one of: a tokenizer, a GPT-2 folder, or a vocab size")
-    if not 0.0 <= val_fraction < 1.0:
-        raise CorpusError(f"val fraction must be in [0, 1), got {val_fraction}")
-    if shard_tokens < 1:
-        raise CorpusError(f"shard tokens must be positive, got {shard_tokens}")
-    if dtype not in ("auto", "uint16", "uint32"):
-        raise CorpusError(f"dtype must be auto, uint16 or uint32, not {dtype!r}")
-    if workers is not None and workers < 1:
-        raise CorpusError(f"workers must be at least 1, got {workers}")
+    _check_options(tokenizer, gpt2_dir, vocab_size, pattern, special_tokens, max_token_length,
+                   val_fraction, shard_tokens, dtype, workers, errors)
     files = expand_inputs(inputs)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -202,9 +268,56 @@ def tokenize_corpus(
         return _tokenize(
             files, sources, out, existing, tokenizer=tokenizer, gpt2_dir=gpt2_dir,
             vocab_size=vocab_size, pattern=pattern, special_tokens=special_tokens,
-            val_fraction=val_fraction, shard_tokens=shard_tokens, dtype=dtype,
-            workers=workers, errors=errors, progress=progress,
+            max_token_length=max_token_length, val_fraction=val_fraction,
+            shard_tokens=shard_tokens, dtype=dtype, workers=workers, errors=errors,
+            progress=progress,
         )
+
+
+def _check_options(
+    tokenizer: Any, gpt2_dir: Any, vocab_size: Optional[int], pattern: Optional[str],
+    special_tokens: Optional[Sequence[str]], max_token_length: Optional[int],
+    val_fraction: float, shard_tokens: int, dtype: str, workers: Optional[int], errors: str,
+) -> None:
+    """Raises :class:`CorpusError` for options that cannot work, before any file is read."""
+    if sum(x is not None for x in (tokenizer, gpt2_dir, vocab_size)) != 1:
+        raise CorpusError("give exactly one of: a tokenizer, a GPT-2 folder, or a vocab size")
+    if not 0.0 <= val_fraction < 1.0:  # also false for NaN
+        raise CorpusError(f"val fraction must be in [0, 1), got {val_fraction}")
+    if isinstance(shard_tokens, bool) or not isinstance(shard_tokens, int) or not (
+        MIN_SHARD_TOKENS <= shard_tokens <= MAX_SHARD_TOKENS
+    ):
+        raise CorpusError(
+            f"shard tokens must be an int from {MIN_SHARD_TOKENS:,} to {MAX_SHARD_TOKENS:,}, "
+            f"got {shard_tokens!r}"
+        )
+    if dtype not in ("auto", "uint16", "uint32"):
+        raise CorpusError(f"dtype must be auto, uint16 or uint32, not {dtype!r}")
+    if workers is not None and not 1 <= workers <= _bpe.MAX_THREADS:
+        raise CorpusError(f"workers must be from 1 to {_bpe.MAX_THREADS}, got {workers}")
+    if errors not in ("strict", "replace"):
+        raise CorpusError(f"errors must be 'strict' or 'replace', not {errors!r}")
+    if vocab_size is None:
+        if max_token_length is not None:
+            raise CorpusError("max token length applies only when training (a vocab size)")
+        if (gpt2_dir is not None or isinstance(tokenizer, Tokenizer)) and (
+            pattern is not None or special_tokens is not None
+        ):
+            raise CorpusError(
+                "the pattern and special tokens apply only to training and .tiktoken files"
+            )
+        return
+    specials = list(special_tokens) if special_tokens is not None else [EOT]
+    try:
+        check_train_sizes(vocab_size, len(specials), max_token_length, "vocab size")
+    except ValueError as e:
+        raise CorpusError(str(e)) from None
+    if dtype == "uint16" and vocab_size > 1 << 16:
+        raise CorpusError(f"a vocabulary of {vocab_size} ids does not fit in uint16")
+    if EOT not in specials:
+        raise CorpusError(f"the special tokens must include {EOT} (it separates documents)")
+    if len(set(specials)) != len(specials) or "" in specials:
+        raise CorpusError("special tokens must be distinct and non-empty")
 
 
 def _tokenize(
@@ -216,8 +329,9 @@ def _tokenize(
     tokenizer: Union[Tokenizer, PathLike, None],
     gpt2_dir: Optional[PathLike],
     vocab_size: Optional[int],
-    pattern: str,
-    special_tokens: Sequence[str],
+    pattern: Optional[str],
+    special_tokens: Optional[Sequence[str]],
+    max_token_length: Optional[int],
     val_fraction: float,
     shard_tokens: int,
     dtype: str,
@@ -230,7 +344,7 @@ def _tokenize(
     if isinstance(tokenizer, Tokenizer):
         tok = tokenizer
     elif tokenizer is not None:
-        tok = load_any_tokenizer(tokenizer)
+        tok = load_any_tokenizer(tokenizer, pattern, special_tokens)
     elif gpt2_dir is not None:
         g = Path(gpt2_dir)
         if not (g / "encoder.json").is_file() or not (g / "vocab.bpe").is_file():
@@ -238,14 +352,13 @@ def _tokenize(
         tok = Tokenizer.from_gpt2(g / "encoder.json", g / "vocab.bpe")
     else:
         assert vocab_size is not None
+        pattern = pattern or "gpt4"
+        names = list(special_tokens) if special_tokens is not None else [EOT]
         trainer = _bpe.Trainer(pattern, workers)
         trainer.feed_sources(sources, errors)
-        n_special = len(special_tokens)
-        if vocab_size < 256 + n_special:
-            raise CorpusError(f"vocab size must be at least {256 + n_special}, got {vocab_size}")
-        merges = trainer.train(vocab_size - 256 - n_special, 2, None, progress)
+        merges = trainer.train(vocab_size - 256 - len(names), 2, max_token_length, progress)
         first = 256 + len(merges)
-        specials = [(s, first + i) for i, s in enumerate(special_tokens)]
+        specials = [(s, first + i) for i, s in enumerate(names)]
         tok = Tokenizer(_bpe.CoreTokenizer.from_merges(merges, pattern, specials))
     eot = tok.eot_id
     if eot is None:

@@ -9,7 +9,8 @@ Training
     (overlapping ones included: ``aaa`` holds ``aa`` twice). Each step merges the pair with the
     highest count, ties going to the smallest ``(left_id, right_id)``; merge k gets id 256 + k
     and replaces occurrences left to right. A pair whose bytes together are already a token
-    (or are longer than ``max_token_length``) is never merged: every token has distinct bytes.
+    (or are longer than ``max_token_length``, by default ``MAX_TOKEN_LENGTH``, the encoder's
+    limit) is never merged: every token has distinct bytes.
     Training stops after ``vocab_size - 256`` merges or when the best pair occurs fewer than
     ``min_frequency`` times.
 
@@ -27,6 +28,9 @@ from collections import Counter
 from typing import Iterable, Optional
 
 import regex
+
+# The longest token the encoder holds (it keeps part lengths in 16 bits).
+MAX_TOKEN_LENGTH = 65535
 
 GPT2_PATTERN = (
     r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
@@ -86,6 +90,8 @@ def train(
     max_token_length: Optional[int] = None,
 ) -> list[tuple[int, int]]:
     """Learns up to ``vocab_size - 256`` merges; returns them as (left_id, right_id) pairs."""
+    if max_token_length is None:
+        max_token_length = MAX_TOKEN_LENGTH
     words = Counter(p.encode("utf-8") for t in texts for p in pretokenize(t, pattern))
     pieces = {tuple(w): c for w, c in words.items()}
     vocab = {i: bytes([i]) for i in range(256)}
@@ -100,7 +106,7 @@ def train(
             (c, pair)
             for pair, c in counts.items()
             if vocab[pair[0]] + vocab[pair[1]] not in known
-            and (max_token_length is None or len(vocab[pair[0]] + vocab[pair[1]]) <= max_token_length)
+            and len(vocab[pair[0]] + vocab[pair[1]]) <= max_token_length
         ]
         if not allowed:
             break

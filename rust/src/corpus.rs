@@ -105,6 +105,20 @@ pub(crate) struct FileText {
 }
 
 pub(crate) fn open_text(path: &Path, errors: Utf8Errors) -> Result<FileText> {
+    // Checked before opening: opening a FIFO waits for a writer, and a directory or a
+    // device fails to map with a message that does not say why.
+    let kind = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !kind.is_file() {
+        let what = if kind.is_dir() {
+            "is a directory"
+        } else {
+            "is not a regular file"
+        };
+        return Err(Error::Io {
+            path: path.to_path_buf(),
+            message: format!("{what}; only regular files are read"),
+        });
+    }
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     if len == 0 {
@@ -160,27 +174,109 @@ pub fn for_each_document(
             }
         }
         SourceKind::Jsonl { field } => {
-            for (lineno, line) in text.lines().enumerate() {
-                if line.trim().is_empty() {
-                    continue;
-                }
-                let bad = |why: &str| {
-                    Error::Value(format!("{}:{}: {why}", source.path.display(), lineno + 1))
-                };
-                let value: serde_json::Value =
-                    serde_json::from_str(line).map_err(|e| bad(&format!("invalid JSON ({e})")))?;
-                let doc = value
-                    .get(field)
-                    .ok_or_else(|| bad(&format!("no field {field:?}")))?
-                    .as_str()
-                    .ok_or_else(|| bad(&format!("field {field:?} is not a string")))?;
+            for_each_jsonl_document(&source.path, text, field, errors, f)?
+        }
+    }
+    Ok(())
+}
+
+/// Calls `f` with the string `field` of each line of a JSON-lines text: a `null` (or empty)
+/// field is an empty document and is dropped, as parquet nulls are; a missing or non-string
+/// field is an error naming the line.
+fn for_each_jsonl_document(
+    path: &Path,
+    text: &str,
+    field: &str,
+    errors: Utf8Errors,
+    mut f: impl FnMut(&str) -> Result<()>,
+) -> Result<()> {
+    // A byte-order mark is no part of the first line's JSON.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    for (lineno, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = |why: &str| Error::Value(format!("{}:{}: {why}", path.display(), lineno + 1));
+        let value = parse_json_line(line, errors).map_err(|e| bad(&e))?;
+        match value.get(field) {
+            None => return Err(bad(&format!("no field {field:?}"))),
+            Some(serde_json::Value::Null) => {}
+            Some(serde_json::Value::String(doc)) => {
                 if !doc.is_empty() {
                     f(doc)?;
                 }
             }
+            Some(_) => return Err(bad(&format!("field {field:?} is not a string"))),
         }
     }
     Ok(())
+}
+
+/// One JSON line's value. A `\uXXXX` escape of a lone surrogate is no Unicode character:
+/// strict mode says so, replace mode reads it as U+FFFD (as invalid UTF-8 bytes are read).
+fn parse_json_line(
+    line: &str,
+    errors: Utf8Errors,
+) -> std::result::Result<serde_json::Value, String> {
+    let e = match serde_json::from_str(line) {
+        Ok(v) => return Ok(v),
+        Err(e) => e,
+    };
+    let Cow::Owned(fixed) = replace_lone_surrogates(line) else {
+        return Err(format!("invalid JSON ({e})"));
+    };
+    match errors {
+        Utf8Errors::Strict => Err(
+            "a \\u escape of a lone surrogate, which is not a Unicode character (pass \
+             errors=\"replace\" to substitute U+FFFD)"
+                .into(),
+        ),
+        Utf8Errors::Replace => {
+            serde_json::from_str(&fixed).map_err(|e| format!("invalid JSON ({e})"))
+        }
+    }
+}
+
+/// `line` with every `\uXXXX` escape of a lone surrogate (one not in a high-low pair)
+/// replaced by `\ufffd`; borrowed if there is none.
+fn replace_lone_surrogates(line: &str) -> Cow<'_, str> {
+    let b = line.as_bytes();
+    let hex4 = |at: usize| -> Option<u32> {
+        let s = std::str::from_utf8(b.get(at..at + 4)?).ok()?;
+        u32::from_str_radix(s, 16).ok()
+    };
+    let escape_at = |at: usize| b.get(at) == Some(&b'\\') && b.get(at + 1) == Some(&b'u');
+    let (high, low) = (0xD800..0xDC00, 0xDC00..0xE000);
+    let mut out = String::new();
+    let (mut last, mut i) = (0, 0);
+    while i < b.len() {
+        if b[i] != b'\\' {
+            i += 1;
+            continue;
+        }
+        // Other escapes (`\\` included) are two bytes long.
+        let Some(u) = escape_at(i).then(|| hex4(i + 2)).flatten() else {
+            i += 2;
+            continue;
+        };
+        let paired =
+            high.contains(&u) && escape_at(i + 6) && hex4(i + 8).is_some_and(|l| low.contains(&l));
+        if paired {
+            i += 12;
+        } else if high.contains(&u) || low.contains(&u) {
+            out.push_str(&line[last..i]);
+            out.push_str("\\ufffd");
+            i += 6;
+            last = i;
+        } else {
+            i += 6;
+        }
+    }
+    if last == 0 {
+        return Cow::Borrowed(line);
+    }
+    out.push_str(&line[last..]);
+    Cow::Owned(out)
 }
 
 /// Number of non-empty documents in all sources (the first pass, to place the val split).
@@ -599,5 +695,26 @@ mod tests {
             .to_string_lossy()
             .ends_with(".tmp")));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn lone_surrogate_escapes_become_replacement_characters() {
+        let cases = [
+            (r#"{"text": "a\ud800b"}"#, r#"{"text": "a\ufffdb"}"#),
+            (r#"{"text": "\udc00\ud83d"}"#, r#"{"text": "\ufffd\ufffd"}"#),
+            (
+                r#"{"text": "\ud83d\ude00 \\ud800"}"#,
+                r#"{"text": "\ud83d\ude00 \\ud800"}"#,
+            ),
+            (r#"{"text": "\ud83d\u0041"}"#, r#"{"text": "\ufffd\u0041"}"#),
+            (r#"{"text": "ok"}"#, r#"{"text": "ok"}"#),
+        ];
+        for (line, want) in cases {
+            assert_eq!(replace_lone_surrogates(line), want, "{line}");
+        }
+        let v = parse_json_line(r#"{"text": "a\ud800b"}"#, Utf8Errors::Replace).unwrap();
+        assert_eq!(v["text"], "a\u{fffd}b");
+        let e = parse_json_line(r#"{"text": "a\ud800b"}"#, Utf8Errors::Strict).unwrap_err();
+        assert!(e.contains("lone surrogate"), "{e}");
     }
 }

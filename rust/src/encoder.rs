@@ -49,6 +49,8 @@ const ARENA_IDS: usize = if cfg!(test) { 1 << 9 } else { 1 << 19 };
 pub(crate) const HOT_LEN: usize = 15;
 /// Longest token accepted: the long-piece merge keeps part lengths in 16 bits.
 pub const MAX_TOKEN_LEN: usize = u16::MAX as usize;
+/// Most ordinary tokens accepted: ids are `u32`, with room above them for special tokens.
+pub const MAX_TOKENS: usize = u32::MAX as usize / 2;
 /// Longest piece cached: longer ones (runs of CJK text, identifiers) rarely repeat.
 const WARM_LEN: usize = 2 * HOT_LEN + 1;
 const _: () = assert!(WARM_LEN <= LONG_PIECE);
@@ -275,8 +277,11 @@ impl Encoder {
         specials: Vec<(String, Rank)>,
         pretokenizer: Pretokenizer,
     ) -> Result<Self> {
-        if tokens.len() > u32::MAX as usize / 2 {
-            return Err(Error::InvalidVocab("too many tokens".into()));
+        if tokens.len() > MAX_TOKENS {
+            return Err(Error::InvalidVocab(format!(
+                "{} tokens; at most {MAX_TOKENS} are supported",
+                tokens.len()
+            )));
         }
         let mut ranks = FxHashMap::default();
         ranks.reserve(tokens.len());

@@ -13,7 +13,7 @@ use pyo3::sync::GILOnceCell;
 use pyo3::types::{PyBytes, PyList, PyString};
 
 use crate::corpus::{self, Dtype, ShardOptions, Source, SourceKind};
-use crate::encoder::{Encoder, Rank};
+use crate::encoder::{Encoder, Rank, MAX_TOKENS, MAX_TOKEN_LEN};
 use crate::error::Error;
 use crate::lanes::map_in_lanes;
 use crate::pretokenize::{
@@ -152,10 +152,16 @@ fn run<T: Send>(py: Python<'_>, f: impl FnOnce() -> crate::Result<T> + Send) -> 
         .map_err(to_py)
 }
 
+/// Most threads a call may ask for: spawning hundreds of thousands of them took minutes
+/// before failing, and no machine has that many cores.
+const MAX_THREADS: usize = 1024;
+
 fn pool(num_threads: Option<usize>) -> PyResult<Option<rayon::ThreadPool>> {
     match num_threads {
         None => Ok(None),
-        Some(0) => Err(PyValueError::new_err("num_threads must be at least 1")),
+        Some(n) if n == 0 || n > MAX_THREADS => Err(PyValueError::new_err(format!(
+            "num_threads must be from 1 to {MAX_THREADS}, got {n}"
+        ))),
         Some(n) => rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build()
@@ -524,7 +530,7 @@ impl Trainer {
                 if n % 64 == 0 {
                     bar.set_position(n as u64);
                 }
-            });
+            })?;
             bar.finish_and_clear();
             Ok(merges)
         })
@@ -805,5 +811,9 @@ fn _bpe(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("GPT2_PATTERN", GPT2_PATTERN)?;
     m.add("CL100K_PATTERN", CL100K_PATTERN)?;
     m.add("O200K_PATTERN", O200K_PATTERN)?;
+    m.add("MAX_TOKEN_LENGTH", MAX_TOKEN_LEN)?;
+    m.add("MAX_THREADS", MAX_THREADS)?;
+    // Ordinary tokens plus special tokens; ids above it would not fit the encoder's u32.
+    m.add("MAX_VOCAB_SIZE", MAX_TOKENS)?;
     Ok(())
 }

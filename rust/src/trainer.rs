@@ -6,8 +6,9 @@
 //!   piece counts (overlapping occurrences such as the two `aa` in `aaa` both count);
 //! - each step takes the pair with the highest count, ties going to the smallest
 //!   `(left_id, right_id)`; a pair whose concatenated bytes are already a token, or longer
-//!   than `max_token_length`, is never taken (it gets no id; the encoder, which works on byte
-//!   strings, still joins such neighbours into the existing token);
+//!   than `max_token_length` (by default the encoder's limit, 65535 bytes), is never taken
+//!   (it gets no id; the encoder, which works on byte strings, still joins such neighbours
+//!   into the existing token);
 //! - merging replaces occurrences left to right, without overlap;
 //! - training stops after `num_merges` merges or when the best pair occurs fewer than
 //!   `min_frequency` times.
@@ -23,7 +24,7 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use rustc_hash::{FxHashMap, FxHashSet};
 
-use crate::encoder::{pack_hot, prefetch, unpack_hot, HOT_LEN};
+use crate::encoder::{pack_hot, prefetch, unpack_hot, HOT_LEN, MAX_TOKENS, MAX_TOKEN_LEN};
 use crate::error::{Error, Result};
 use crate::pretokenize::Pretokenizer;
 
@@ -143,24 +144,8 @@ pub fn count_texts<S: AsRef<str> + Sync>(
 
 /// Reads a whole file as text (memory-mapped), each file being one document.
 pub fn read_text(path: &Path, errors: Utf8Errors) -> Result<String> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-    if len == 0 {
-        return Ok(String::new());
-    }
-    // SAFETY: the map is read-only and only lives in this function; a file truncated by
-    // another process meanwhile is outside what we guard against (as in every mmap reader).
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-    match std::str::from_utf8(&map) {
-        Ok(s) => Ok(s.to_owned()),
-        Err(e) => match errors {
-            Utf8Errors::Strict => Err(Error::InvalidUtf8 {
-                path: path.to_path_buf(),
-                offset: e.valid_up_to(),
-            }),
-            Utf8Errors::Replace => Ok(String::from_utf8_lossy(&map).into_owned()),
-        },
-    }
+    let file = crate::corpus::open_text(path, errors)?;
+    Ok(file.text.to_string())
 }
 
 /// Counts the pieces of files, each file being one document, reading and splitting in Rust.
@@ -282,28 +267,108 @@ type WordList = smallvec::SmallVec<[u32; 4]>;
 
 /// Learns up to `opts.num_merges` merges from piece counts. `progress` is called after each
 /// merge with the number done so far.
+///
+/// Fails (before any large allocation) when `num_merges` would make more tokens than an
+/// encoder holds, when `max_token_length` exceeds [`MAX_TOKEN_LEN`], or when the distinct
+/// pieces exceed the arena's 32-bit offsets. Without a `max_token_length`, tokens stop at
+/// [`MAX_TOKEN_LEN`] bytes, so every result can be loaded by the encoder.
 pub fn train(
     counts: PieceCounts,
     opts: &TrainOptions,
     mut progress: impl FnMut(usize),
-) -> Vec<Pair> {
-    // Word order does not change the merges (counts are sums, ties go by pair ids), but it
-    // matters for speed: words sorted by their first bytes keep the words a merge touches
-    // close together in memory. A sort on an 8-byte prefix key gets most of that for a
-    // fraction of the cost of sorting the byte strings.
+) -> Result<Vec<Pair>> {
+    let max_len = opts.check()?;
+    let mut words = build_words(counts)?;
+    let mut pairs = count_pairs(&words);
+    // Pairs below `min_frequency` can never be chosen while they stay there, so they get no
+    // heap entry (most pairs a merge creates occur once); a pair only grows when a merge
+    // creates more of it, and it is pushed then. That keeps the lazy heap several times
+    // smaller.
+    let min_count = opts.min_frequency.max(1);
+    let mut heap: BinaryHeap<(u64, Reverse<Pair>)> = pairs
+        .iter()
+        .filter(|(_, e)| e.count as u64 >= min_count)
+        .map(|(&p, e)| (e.count as u64, Reverse(p)))
+        .collect();
+    let mut vocab = Vocab::new(max_len);
+    // Grown as merges are made: `num_merges` is a caller's upper bound, not a size.
+    let mut merges: Vec<Pair> = Vec::new();
+    let mut grown: Vec<Pair> = Vec::new();
+
+    while merges.len() < opts.num_merges {
+        let Some((pair, count, bytes)) = vocab.pop_best(&mut heap, &pairs, min_count) else {
+            break;
+        };
+        if count < opts.min_frequency {
+            break;
+        }
+        let step = merges.len() as u32;
+        merges.push(pair);
+        vocab.add(bytes);
+        grown.clear();
+        merge_pair(&mut words, &mut pairs, &mut grown, pair, 256 + step, step);
+        grown.sort_unstable();
+        grown.dedup();
+        for &q in &grown {
+            if let Some(cnt) = pairs.get(&q).map(|e| e.count) {
+                if cnt as u64 >= min_count {
+                    heap.push((cnt as u64, Reverse(q)));
+                }
+            }
+        }
+        progress(merges.len());
+    }
+    Ok(merges)
+}
+
+impl TrainOptions {
+    /// Checks the options against what an encoder can hold; returns the longest token
+    /// allowed.
+    fn check(&self) -> Result<usize> {
+        if self.num_merges > MAX_TOKENS - 256 {
+            return Err(Error::Value(format!(
+                "{} merges asked for; a vocabulary holds at most {} (ids are 32-bit)",
+                self.num_merges,
+                MAX_TOKENS - 256
+            )));
+        }
+        match self.max_token_length {
+            Some(m) if m > MAX_TOKEN_LEN => Err(Error::Value(format!(
+                "max_token_length {m} is over the {MAX_TOKEN_LEN} bytes a token can have"
+            ))),
+            Some(m) => Ok(m),
+            None => Ok(MAX_TOKEN_LEN),
+        }
+    }
+}
+
+/// The arena of words, sorted for locality. Word order does not change the merges (counts
+/// are sums, ties go by pair ids), but it matters for speed: words sorted by their first
+/// bytes keep the words a merge touches close together in memory. A sort on an 8-byte
+/// prefix key gets most of that for a fraction of the cost of sorting the byte strings.
+fn build_words(counts: PieceCounts) -> Result<Words> {
     let mut bytes: Vec<u8> = Vec::new();
     let mut entries: Vec<(u64, usize, u32, u64)> = Vec::with_capacity(counts.len());
+    let mut too_big = false;
     counts.for_each(|k, c| {
+        // Checked as it grows: the arena's offsets are u32.
+        if too_big || bytes.len() + k.len() >= u32::MAX as usize {
+            too_big = true;
+            return;
+        }
         let mut key = [0u8; 8];
         let n = k.len().min(8);
         key[..n].copy_from_slice(&k[..n]);
         entries.push((u64::from_be_bytes(key), bytes.len(), k.len() as u32, c));
         bytes.extend_from_slice(k);
     });
-    assert!(
-        bytes.len() < u32::MAX as usize,
-        "over 4 GiB of distinct pieces"
-    );
+    if too_big {
+        return Err(Error::Value(
+            "the distinct pre-tokenized pieces add up to 4 GiB or more, more than training \
+             supports; train on a sample of the corpus"
+                .into(),
+        ));
+    }
     // The counts are no longer needed: free them before the pair structures are built.
     drop(counts);
     entries.par_sort_unstable_by_key(|e| e.0);
@@ -321,45 +386,56 @@ pub fn train(
         let k = &bytes[at..at + n as usize];
         words.syms.extend(k.iter().map(|&b| b as u32));
     }
-    drop(bytes);
+    Ok(words)
+}
 
+/// Every adjacent pair of every word, with its weighted count and the words holding it.
+fn count_pairs(words: &Words) -> Pairs {
     let mut pairs: Pairs = FxHashMap::default();
     for wi in 0..words.meta.len() {
         let c = words.meta[wi].count as i64;
         for p in words.ids(wi).windows(2) {
-            let pair = (p[0], p[1]);
-            let e = pairs.entry(pair).or_default();
+            let e = pairs.entry((p[0], p[1])).or_default();
             e.count += c;
-            let list = &mut e.words;
-            if list.last() != Some(&(wi as u32)) {
-                list.push(wi as u32);
+            if e.words.last() != Some(&(wi as u32)) {
+                e.words.push(wi as u32);
             }
         }
     }
-    // Pairs below `min_frequency` can never be chosen while they stay there, so they get no
-    // heap entry (most pairs a merge creates occur once); a pair only grows when a merge
-    // creates more of it, and it is pushed then. That keeps the lazy heap several times
-    // smaller.
-    let min_count = opts.min_frequency.max(1);
-    let mut heap: BinaryHeap<(u64, Reverse<Pair>)> = pairs
-        .iter()
-        .filter(|(_, e)| e.count as u64 >= min_count)
-        .map(|(&p, e)| (e.count as u64, Reverse(p)))
-        .collect();
+    pairs
+}
 
-    let mut token_bytes: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
-    let mut existing: FxHashSet<Vec<u8>> = token_bytes.iter().cloned().collect();
-    let mut banned: FxHashSet<Pair> = FxHashSet::default();
-    let mut merges: Vec<Pair> = Vec::with_capacity(opts.num_merges);
-    let mut grown: Vec<Pair> = Vec::new();
+/// The bytes of the tokens made so far, and the pairs that may never be merged.
+struct Vocab {
+    token_bytes: Vec<Vec<u8>>,
+    existing: FxHashSet<Vec<u8>>,
+    banned: FxHashSet<Pair>,
+    max_len: usize,
+}
 
-    while merges.len() < opts.num_merges {
-        // Pop until the top entry is current and allowed.
-        let best = loop {
-            let Some((c, Reverse(pair))) = heap.pop() else {
-                break None;
-            };
-            if banned.contains(&pair) {
+impl Vocab {
+    fn new(max_len: usize) -> Self {
+        let token_bytes: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
+        let existing = token_bytes.iter().cloned().collect();
+        Vocab {
+            token_bytes,
+            existing,
+            banned: FxHashSet::default(),
+            max_len,
+        }
+    }
+
+    /// Pops heap entries until the top one is current and allowed: its pair, count and
+    /// the bytes of the token it makes.
+    fn pop_best(
+        &mut self,
+        heap: &mut BinaryHeap<(u64, Reverse<Pair>)>,
+        pairs: &Pairs,
+        min_count: u64,
+    ) -> Option<(Pair, u64, Vec<u8>)> {
+        loop {
+            let (c, Reverse(pair)) = heap.pop()?;
+            if self.banned.contains(&pair) {
                 continue;
             }
             let cur = pairs.get(&pair).map_or(0, |e| e.count);
@@ -369,88 +445,88 @@ pub fn train(
                 }
                 continue;
             }
-            let mut bytes = token_bytes[pair.0 as usize].clone();
-            bytes.extend_from_slice(&token_bytes[pair.1 as usize]);
-            if existing.contains(&bytes) || opts.max_token_length.is_some_and(|m| bytes.len() > m) {
-                banned.insert(pair);
+            let (l, r) = (
+                &self.token_bytes[pair.0 as usize],
+                &self.token_bytes[pair.1 as usize],
+            );
+            if l.len() + r.len() > self.max_len {
+                self.banned.insert(pair);
                 continue;
             }
-            break Some((pair, c, bytes));
-        };
-        let Some((pair, count, bytes)) = best else {
-            break;
-        };
-        if count < opts.min_frequency {
-            break;
-        }
-        let step = merges.len();
-        let new_id = 256 + step as u32;
-        merges.push(pair);
-        existing.insert(bytes.clone());
-        token_bytes.push(bytes);
-
-        // Only the pairs around each merge site change; they are updated in place (no
-        // per-word allocation, no rehashing of the word's other pairs).
-        grown.clear();
-        // Greedy left-to-right merging leaves no occurrence of the pair.
-        let occurrences = pairs.remove(&pair).map(|e| e.words).unwrap_or_default();
-        for (i, &wi) in occurrences.iter().enumerate() {
-            words.prefetch(&occurrences, i);
-            let m = &mut words.meta[wi as usize];
-            if m.touched == step as u32 {
+            let mut bytes = l.clone();
+            bytes.extend_from_slice(r);
+            if self.existing.contains(&bytes) {
+                self.banned.insert(pair);
                 continue;
             }
-            m.touched = step as u32;
-            let c = m.count as i64;
-            let (s0, n0) = (m.start as usize, m.len as usize);
-            let ids = &mut words.syms[s0..s0 + n0];
-            let (a, b) = pair;
-            let mut read = 0;
-            let mut write = 0;
-            let mut hit = false;
-            while read < ids.len() {
-                if read + 1 < ids.len() && ids[read] == a && ids[read + 1] == b {
-                    hit = true;
-                    if write > 0 {
-                        // The left neighbour (possibly a token made earlier in this word).
-                        let prev = ids[write - 1];
-                        lose(&mut pairs, (prev, a), c);
-                        gain(&mut pairs, &mut grown, (prev, new_id), c, wi);
-                    }
-                    if read + 2 < ids.len() {
-                        let next = ids[read + 2];
-                        lose(&mut pairs, (b, next), c);
-                        gain(&mut pairs, &mut grown, (new_id, next), c, wi);
-                    }
-                    ids[write] = new_id;
-                    read += 2;
-                } else {
-                    ids[write] = ids[read];
-                    read += 1;
-                }
-                write += 1;
-            }
-            if !hit {
-                continue; // a stale occurrence: the pair left this word earlier
-            }
-            words.meta[wi as usize].len = write as u32;
+            return Some((pair, c, bytes));
         }
-        // The changes above count (prev, a) and (b, next) as lost even when prev or next
-        // is itself a merge site of this step (a pair like (X, a) whose a was merged too);
-        // the gains and losses of such pairs cancel exactly, so the net counts are right.
-        pairs.remove(&pair);
-        grown.sort_unstable();
-        grown.dedup();
-        for &q in &grown {
-            if let Some(cnt) = pairs.get(&q).map(|e| e.count) {
-                if cnt as u64 >= min_count {
-                    heap.push((cnt as u64, Reverse(q)));
-                }
-            }
-        }
-        progress(merges.len());
     }
-    merges
+
+    fn add(&mut self, bytes: Vec<u8>) {
+        self.existing.insert(bytes.clone());
+        self.token_bytes.push(bytes);
+    }
+}
+
+/// Replaces every occurrence of `pair` by `new_id` in the words holding it, updating in
+/// place only the pairs around each merge site (no per-word allocation, no rehashing of
+/// the word's other pairs). Pairs that gained occurrences are appended to `grown`.
+fn merge_pair(
+    words: &mut Words,
+    pairs: &mut Pairs,
+    grown: &mut Vec<Pair>,
+    pair: Pair,
+    new_id: u32,
+    step: u32,
+) {
+    // Greedy left-to-right merging leaves no occurrence of the pair.
+    let occurrences = pairs.remove(&pair).map(|e| e.words).unwrap_or_default();
+    for (i, &wi) in occurrences.iter().enumerate() {
+        words.prefetch(&occurrences, i);
+        let m = &mut words.meta[wi as usize];
+        if m.touched == step {
+            continue;
+        }
+        m.touched = step;
+        let c = m.count as i64;
+        let (s0, n0) = (m.start as usize, m.len as usize);
+        let ids = &mut words.syms[s0..s0 + n0];
+        let (a, b) = pair;
+        let mut read = 0;
+        let mut write = 0;
+        let mut hit = false;
+        while read < ids.len() {
+            if read + 1 < ids.len() && ids[read] == a && ids[read + 1] == b {
+                hit = true;
+                if write > 0 {
+                    // The left neighbour (possibly a token made earlier in this word).
+                    let prev = ids[write - 1];
+                    lose(pairs, (prev, a), c);
+                    gain(pairs, grown, (prev, new_id), c, wi);
+                }
+                if read + 2 < ids.len() {
+                    let next = ids[read + 2];
+                    lose(pairs, (b, next), c);
+                    gain(pairs, grown, (new_id, next), c, wi);
+                }
+                ids[write] = new_id;
+                read += 2;
+            } else {
+                ids[write] = ids[read];
+                read += 1;
+            }
+            write += 1;
+        }
+        if !hit {
+            continue; // a stale occurrence: the pair left this word earlier
+        }
+        words.meta[wi as usize].len = write as u32;
+    }
+    // The changes above count (prev, a) and (b, next) as lost even when prev or next
+    // is itself a merge site of this step (a pair like (X, a) whose a was merged too);
+    // the gains and losses of such pairs cancel exactly, so the net counts are right.
+    pairs.remove(&pair);
 }
 
 /// The byte strings of the tokens that `merges` create (ids 256..).
@@ -487,7 +563,7 @@ mod tests {
             min_frequency: 2,
             max_token_length: None,
         };
-        let m = train(c.clone(), &opts, |_| {});
+        let m = train(c.clone(), &opts, |_| {}).unwrap();
         // Pieces "ab", " ab" x2, " cd" x3: (97,98), (32,99) and (99,100) all count 3; the
         // smallest pair wins. Then " c" (256) + d and a + b tie at 3 again.
         assert_eq!(m, vec![(32, 99), (97, 98)]);
@@ -502,7 +578,7 @@ mod tests {
             min_frequency: 1,
             max_token_length: None,
         };
-        let m = train(c.clone(), &opts, |_| {});
+        let m = train(c.clone(), &opts, |_| {}).unwrap();
         assert_eq!(m, vec![(97, 97), (256, 97)]);
     }
 
@@ -515,7 +591,7 @@ mod tests {
             min_frequency: 2,
             max_token_length: None,
         };
-        assert!(train(c.clone(), &opts, |_| {}).is_empty());
+        assert!(train(c.clone(), &opts, |_| {}).unwrap().is_empty());
     }
 
     #[test]
@@ -528,7 +604,7 @@ mod tests {
             min_frequency: 1,
             max_token_length: None,
         };
-        let m = train(c.clone(), &opts, |_| {});
+        let m = train(c.clone(), &opts, |_| {}).unwrap();
         let tokens = merge_bytes(&m).unwrap();
         let set: FxHashSet<_> = tokens.iter().collect();
         assert_eq!(set.len(), tokens.len());
@@ -551,12 +627,52 @@ mod tests {
             max_token_length: Some(6),
         };
         assert_eq!(
-            train(one.clone(), &opts, |_| {}),
-            train(serial.clone(), &opts, |_| {})
+            train(one.clone(), &opts, |_| {}).unwrap(),
+            train(serial.clone(), &opts, |_| {}).unwrap()
         );
-        assert!(merge_bytes(&train(one.clone(), &opts, |_| {}))
+        assert!(merge_bytes(&train(one.clone(), &opts, |_| {}).unwrap())
             .unwrap()
             .iter()
             .all(|t| t.len() <= 6));
+    }
+
+    #[test]
+    fn impossible_options_are_errors_not_aborts() {
+        let p = Pretokenizer::new("gpt2").unwrap();
+        let c = counts_of(&p, &["ab ab"]);
+        let mut opts = TrainOptions {
+            num_merges: 1 << 40,
+            min_frequency: 1,
+            max_token_length: None,
+        };
+        assert!(matches!(
+            train(c.clone(), &opts, |_| {}),
+            Err(Error::Value(_))
+        ));
+        opts.num_merges = 10;
+        opts.max_token_length = Some(MAX_TOKEN_LEN + 1);
+        assert!(matches!(
+            train(c.clone(), &opts, |_| {}),
+            Err(Error::Value(_))
+        ));
+        // The largest number of merges is accepted, and only as many as exist are made.
+        opts.num_merges = MAX_TOKENS - 256;
+        opts.max_token_length = None;
+        assert_eq!(train(c, &opts, |_| {}).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn tokens_stay_within_the_encoder_limit_by_default() {
+        let p = Pretokenizer::new("gpt2").unwrap();
+        let text = "a".repeat(200_000);
+        let c = counts_of(&p, &[text.as_str()]);
+        let opts = TrainOptions {
+            num_merges: 100,
+            min_frequency: 1,
+            max_token_length: None,
+        };
+        let tokens = merge_bytes(&train(c, &opts, |_| {}).unwrap()).unwrap();
+        assert!(tokens.iter().any(|t| t.len() > MAX_TOKEN_LEN / 2));
+        assert!(tokens.iter().all(|t| t.len() <= MAX_TOKEN_LEN));
     }
 }
