@@ -26,6 +26,8 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+from smallgpt.cli import unescape
+
 PROG = "smallgpt-sample"
 
 
@@ -64,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, metavar="S")
     p.add_argument("--stop", nargs="+", default=None, metavar="STR",
                    help="stop when one of these strings appears (it is not printed); "
-                   "\\n and \\t are understood")
+                   "\\n, \\t, \\r, \\0 and \\\\ are understood")
     p.add_argument("--device", default=None, metavar="D",
                    help="cpu, cuda, cuda:1, mps (default: cuda when available)")
     p.add_argument("--no-stream", action="store_true", help="print the text once complete")
@@ -92,23 +94,9 @@ def _check_args(a: argparse.Namespace) -> None:
     if a.num_beams > 1 and a.num_samples > a.num_beams:
         raise _UsageError("--num-samples cannot exceed --num-beams with beam search")
     if a.stop is not None:
-        a.stop = [_unescape(s) for s in a.stop]
+        a.stop = [unescape(s) for s in a.stop]
         if any(s == "" for s in a.stop):
             raise _UsageError("--stop strings must not be empty")
-
-
-def _unescape(text: str) -> str:
-    """Turn the two-character sequences \\n, \\t and \\\\ typed in a shell into characters."""
-    out = []
-    i = 0
-    while i < len(text):
-        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in "nt\\":
-            out.append({"n": "\n", "t": "\t", "\\": "\\"}[text[i + 1]])
-            i += 2
-        else:
-            out.append(text[i])
-            i += 1
-    return "".join(out)
 
 
 def _device(name: str | None) -> Any:

@@ -151,8 +151,9 @@ def resolve_config(args: argparse.Namespace,
     """The run's configuration and whether it resumes a checkpoint.
 
     The run folder is ``--out``, else the ``out`` of the config file, else named after the
-    config file, the data folder or the preset; ``--resume`` continues the run found there,
-    with the preset, config file and overrides given now applied on top of its config.
+    config file, the data folder or the preset; ``--resume`` continues the run found there
+    with its own config and the command-line overrides given now on top (the preset and
+    config file only locate the folder: re-applying them could undo the run's own overrides).
     """
     from smallgpt.checkpoint import RunFolder
     from smallgpt.config import (
@@ -163,6 +164,7 @@ def resolve_config(args: argparse.Namespace,
         default_out,
     )
 
+
     preset = args.preset
     if preset is None and args.config is None:
         preset = DEFAULT_PRESET
@@ -172,8 +174,7 @@ def resolve_config(args: argparse.Namespace,
         ckpt = RunFolder(out).load_latest()
         if not ckpt.train_config:
             raise ConfigError(f"{out}: the checkpoint has no training config to resume")
-        base = config_from_dict(ckpt.train_config)
-        cfg = build_config(args.preset, args.config, None, base=base)
+        cfg = config_from_dict(ckpt.train_config)
         apply_overrides(cfg, overrides)
         cfg.out = out
         return cfg, True
