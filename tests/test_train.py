@@ -51,13 +51,17 @@ def test_lr_schedule_values() -> None:
 
 def test_optimizer_decays_only_matrices() -> None:
     model = GPT(GPTConfig(vocab_size=32, block_size=8, n_layer=1, n_head=2, n_embd=16))
-    opt = configure_optimizer(model, 1e-3, 0.1, (0.9, 0.95), 1e-8, torch.device("cpu"))
-    decay, no_decay = opt.param_groups
-    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    opt = configure_optimizer(model, 1e-3, 0.1, (0.9, 0.95), 1e-8, torch.device("cpu"),
+                              embed_lr=5e-3)
+    decay, emb, no_decay = opt.param_groups
+    assert decay["weight_decay"] == emb["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0
     assert all(p.dim() >= 2 for p in decay["params"])
     assert all(p.dim() == 1 for p in no_decay["params"])
+    # the position table is only looked up: it takes embed_lr; the tied wte/head does not
+    assert emb["params"] == [model.transformer.wpe.weight] and emb["lr"] == 5e-3
+    assert decay["lr"] == 1e-3 and model.transformer.wte.weight in decay["params"]
     n_params = len(list(model.parameters()))
-    assert len(decay["params"]) + len(no_decay["params"]) == n_params
+    assert sum(len(g["params"]) for g in opt.param_groups) == n_params
 
 
 def test_peak_flops_cpu_estimate(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -101,7 +101,8 @@ class OptimSection:
     ``name = "adamw"``: AdamW (``lr``, ``weight_decay``, ``beta1``, ``beta2``, ``eps``) for
     every parameter. ``name = "muon"``: Muon (``muon_lr``, ``muon_momentum``,
     ``muon_weight_decay``) for the 2-D weights inside the blocks and AdamW with the settings
-    above for embeddings, head, norms and biases. Both follow one schedule.
+    above for embeddings, head, norms and biases. Both follow one schedule. ``embed_lr``
+    (0: ``lr``) is the AdamW rate of the input embeddings when they are not tied to the head.
 
     The LR warms up linearly over ``warmup_steps`` and then follows a cosine from ``lr`` to
     ``min_lr``. Progress along the cosine is ``step / decay_steps`` (``decay_steps = 0``:
@@ -111,6 +112,7 @@ class OptimSection:
 
     name: str = "adamw"
     lr: float = 1e-3
+    embed_lr: float = 0.0
     min_lr: float = 1e-4
     warmup_steps: int = 100
     decay_steps: int = 0
@@ -369,6 +371,7 @@ def validate(cfg: TrainConfig) -> None:
         (o.name in ("adamw", "muon"), f"optim.name must be adamw or muon, got {o.name!r}"),
         (o.lr > 0, f"optim.lr must be positive, got {o.lr}"),
         (o.muon_lr > 0, f"optim.muon_lr must be positive, got {o.muon_lr}"),
+        (o.embed_lr >= 0, f"optim.embed_lr must be >= 0 (0 = lr), got {o.embed_lr}"),
         (0 <= o.muon_momentum < 1, "optim.muon_momentum must be in [0, 1)"),
         (o.muon_weight_decay >= 0, "optim.muon_weight_decay must be >= 0"),
         (0 <= o.min_lr <= o.lr, f"optim.min_lr must be in [0, lr], got {o.min_lr}"),

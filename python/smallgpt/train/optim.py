@@ -29,21 +29,39 @@ NS_COEFFICIENTS = (3.4445, -4.775, 2.0315)
 
 def configure_optimizer(
     model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple, eps: float,
-    device: torch.device,
+    device: torch.device, embed_lr: float = 0.0,
 ) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (>= 2-D: linear weights, embeddings) only."""
-    return _adamw(list(model.parameters()), lr, weight_decay, betas, eps, device)
+    """AdamW with weight decay on matrices (>= 2-D: linear weights, embeddings) only; the
+    input embeddings (when not tied to the head) at ``embed_lr`` if set."""
+    return _adamw(model, list(model.parameters()), lr, weight_decay, betas, eps, device,
+                  embed_lr)
 
 
-def _adamw(params: List[torch.nn.Parameter], lr: float, weight_decay: float, betas: tuple,
-           eps: float, device: torch.device) -> torch.optim.AdamW:
+def _input_embeddings(model: torch.nn.Module) -> set:
+    """Parameters that are only looked up (token embedding when untied, position table)."""
+    head = getattr(getattr(model, "lm_head", None), "weight", None)
+    found = set()
+    for name, p in model.named_parameters():
+        if name.endswith(("wte.weight", "wpe.weight")) and p is not head:
+            found.add(id(p))
+    return found
+
+
+def _adamw(model: torch.nn.Module, params: List[torch.nn.Parameter], lr: float,
+           weight_decay: float, betas: tuple, eps: float, device: torch.device,
+           embed_lr: float = 0.0) -> torch.optim.AdamW:
     params = [p for p in params if p.requires_grad]
+    emb = _input_embeddings(model)
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay,
-         "base_lr": lr},
+        {"params": [p for p in params if p.dim() >= 2 and id(p) not in emb],
+         "weight_decay": weight_decay, "base_lr": lr},
+        {"params": [p for p in params if id(p) in emb], "weight_decay": weight_decay,
+         "base_lr": embed_lr or lr},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "base_lr": lr},
     ]
     kwargs: Dict[str, Any] = {"lr": lr, "betas": betas, "eps": eps}
+    for g in groups:
+        g["lr"] = g["base_lr"]
     if device.type == "cuda":
         kwargs["fused"] = True
     return torch.optim.AdamW([g for g in groups if g["params"]], **kwargs)
@@ -72,12 +90,13 @@ def build_optimizers(model: torch.nn.Module, o: OptimSection,
     stepped, clipped and checkpointed alike."""
     betas = (o.beta1, o.beta2)
     if o.name == "adamw":
-        return [configure_optimizer(model, o.lr, o.weight_decay, betas, o.eps, device)]
+        return [configure_optimizer(model, o.lr, o.weight_decay, betas, o.eps, device,
+                                    o.embed_lr)]
     hidden, rest = split_params(model)
     muon_cls = getattr(torch.optim, "Muon", Muon)
     muon = muon_cls([{"params": hidden, "base_lr": o.muon_lr}], lr=o.muon_lr,
                     weight_decay=o.muon_weight_decay, momentum=o.muon_momentum, nesterov=True)
-    return [muon, _adamw(rest, o.lr, o.weight_decay, betas, o.eps, device)]
+    return [muon, _adamw(model, rest, o.lr, o.weight_decay, betas, o.eps, device, o.embed_lr)]
 
 
 def set_lr(optimizers: List[torch.optim.Optimizer], factor: float) -> None:
