@@ -209,6 +209,8 @@ class DecodePlan:
     lnf_w: torch.Tensor | None
     lnf_b: torch.Tensor | None
     head: torch.Tensor
+    rope_cos: torch.Tensor | None = None
+    rope_sin: torch.Tensor | None = None
 
 
 class KVCache:
@@ -601,9 +603,9 @@ class GPT(nn.Module):
         rope = None
         if plan.wpe is not None:
             x = x + plan.wpe[pos]
-        else:
-            rope = (self.rope_cos[pos : pos + 1, None, None],
-                    self.rope_sin[pos : pos + 1, None, None])
+        else:  # one position: (head_dim / 2,) rows broadcast over (B, 2, H, head_dim / 2)
+            assert plan.rope_cos is not None and plan.rope_sin is not None
+            rope = (plan.rope_cos[pos], plan.rope_sin[pos])
         for i, layer in enumerate(plan.layers):
             x = block_forward(layer, x, cfg, rope, cache, i)
         cache.pos = pos + 1
@@ -615,9 +617,10 @@ class GPT(nn.Module):
         a parameter object is replaced."""
         t = self.transformer
         wpe = t.wpe.weight if self.config.position == "learned" else None
+        rope = (self.rope_cos, self.rope_sin) if wpe is None else (None, None)
         return DecodePlan(t.wte.weight, wpe, [b.params() for b in t.h],
                           getattr(t.ln_f, "weight", None), getattr(t.ln_f, "bias", None),
-                          self.lm_head.weight)
+                          self.lm_head.weight, *rope)
 
     def new_cache(
         self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None
