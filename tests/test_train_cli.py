@@ -262,3 +262,24 @@ def test_quickstart_tokenizes_bundled_text(tmp_path: Path) -> None:
     assert smallgpt.Tokenizer.load(tmp_path / "qs" / "tokenizer.json").vocab_size == \
         tok.vocab_size
     assert json.loads(ck["tokenizer"]) == json.loads((folders[0] / "tokenizer.json").read_text())
+
+
+def test_by_time_rows_follow_the_budget(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    toml = tmp_path / "t.toml"
+    toml.write_text("max_time = 30\n[model]\nn_layer = 1\n"
+                    "[[by_time]]\nmin_time = 100\nmodel = { n_layer = 2, block_size = 128 }\n"
+                    "[[by_time]]\nmin_time = 250\nmodel = { n_layer = 3 }\noptim = { lr = 2e-3 }\n")
+    def config(*args: str) -> str:
+        assert main(["--config", str(toml), "--print-config", *args]) == 0
+        return capsys.readouterr().out
+
+    assert "n_layer = 1" in config()  # 30 s: no row applies
+    out = config("--max-time", "120")
+    assert "n_layer = 2" in out and "block_size = 128" in out
+    out = config("--max-time", "300")
+    assert "n_layer = 3" in out and "lr = 0.002" in out and "block_size = 256" not in out
+    # what the user sets wins over the row
+    assert "n_layer = 5" in config("--max-time", "300", "--model.n_layer", "5")
+    toml.write_text("[[by_time]]\nmodel = { n_layer = 2 }\n")
+    assert main(["--config", str(toml), "--print-config"]) == 2
+    assert "min_time" in capsys.readouterr().err

@@ -47,6 +47,7 @@ __all__ = [
 ]
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
+BY_TIME = "by_time"
 
 
 class ConfigError(ValueError):
@@ -418,18 +419,75 @@ def default_out(cfg: TrainConfig, preset: Optional[str] = None,
     return f"out/{preset or 'run'}"
 
 
+def _flat_keys(data: Mapping[str, Any]) -> List[str]:
+    keys = []
+    for k, v in data.items():
+        if isinstance(v, Mapping):
+            keys.extend(f"{k}.{k2}" for k2 in v)
+        elif k != BY_TIME:
+            keys.append(k)
+    return keys
+
+
+def _by_time_rows(data: Mapping[str, Any], source: str) -> List[Dict[str, Any]]:
+    rows = data.get(BY_TIME, [])
+    if not isinstance(rows, list) or not all(
+        isinstance(r, Mapping) and isinstance(r.get("min_time"), (int, float)) for r in rows
+    ):
+        raise ConfigError(f"{source}: [[{BY_TIME}]] must be tables with a min_time number")
+    return [dict(r) for r in rows]
+
+
+def apply_by_time(cfg: TrainConfig, rows: List[Dict[str, Any]], keep: set,
+                  source: str = "config") -> Optional[float]:
+    """Apply the ``[[by_time]]`` row for ``cfg.max_time``: the one with the largest
+    ``min_time`` at most ``max_time`` (none without a time limit). Keys in ``keep`` (set by
+    the user) are left alone. Returns the row's ``min_time``, or None."""
+    if cfg.max_time <= 0:
+        return None
+    fitting = [r for r in rows if r["min_time"] <= cfg.max_time]
+    if not fitting:
+        return None
+    row = max(fitting, key=lambda r: r["min_time"])
+    values = {k: v for k, v in row.items() if k != "min_time"}
+    for key in _flat_keys(values):
+        if key in keep:
+            continue
+        section, _, name = key.partition(".")
+        merge_dict(cfg, {section: {name: values[section][name]}} if name else {key: values[key]},
+                   source=f"{source} [[{BY_TIME}]] min_time={row['min_time']:g}")
+    return float(row["min_time"])
+
+
 def build_config(
     preset: Optional[str] = None,
     config_file: Optional[str] = None,
     overrides: Optional[Mapping[str, Any]] = None,
     base: Optional[TrainConfig] = None,
 ) -> TrainConfig:
-    """Layer defaults (or ``base``), preset, TOML file and overrides into one config."""
+    """Layer defaults (or ``base``), preset, TOML file and overrides into one config.
+
+    A preset or file may end with ``[[by_time]]`` rows (``min_time = 120`` plus keys such as
+    ``model = { n_layer = 2 }``): the model's shape can then follow the time budget, the single
+    dial of a time-bounded run. The row for the final ``max_time`` applies last, except to keys
+    set by a later layer (the config file, for a preset's rows; the overrides always).
+    """
     cfg = base if base is not None else TrainConfig()
+    rows: List[Dict[str, Any]] = []
+    keep: set = set(overrides or {})
     if preset:
-        merge_dict(cfg, load_preset(preset), source=f"preset {preset}")
+        data = load_preset(preset)
+        rows = _by_time_rows(data, f"preset {preset}")
+        merge_dict(cfg, {k: v for k, v in data.items() if k != BY_TIME}, source=f"preset {preset}")
     if config_file:
-        merge_dict(cfg, load_toml(config_file), source=str(config_file))
+        data = load_toml(config_file)
+        own_rows = _by_time_rows(data, str(config_file))
+        if own_rows:  # the file's own rows refine its own values
+            rows = own_rows
+        else:  # the preset's rows must not undo what the file sets
+            keep |= set(_flat_keys(data))
+        merge_dict(cfg, {k: v for k, v in data.items() if k != BY_TIME}, source=str(config_file))
     if overrides:
         apply_overrides(cfg, overrides)
+    apply_by_time(cfg, rows, keep, source=preset or str(config_file))
     return cfg
