@@ -446,6 +446,48 @@ class Block(nn.Module):
         return block_forward(self.params(), x, self.config, rope, cache, layer, dropout)
 
 
+_HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
+                  "mlp.c_proj.weight")
+
+
+def _load_huggingface_weights(model: GPT, folder: Path) -> None:
+    """Copy a Hugging Face GPT-2 folder's tensors into ``model`` (Conv1D -> Linear)."""
+    st_path = folder / "model.safetensors"
+    bin_path = folder / "pytorch_model.bin"
+    if st_path.is_file():
+        from safetensors.torch import load_file
+
+        sd = load_file(str(st_path))
+    elif bin_path.is_file():
+        sd = torch.load(str(bin_path), map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {folder}")
+    ours = model.state_dict()
+    loaded: set[str] = set()
+    for key, tensor in sd.items():
+        name = key if key.startswith(("transformer.", "lm_head.")) else f"transformer.{key}"
+        if name.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # causal-mask buffers of old checkpoints
+        if name not in ours:
+            raise ValueError(f"unexpected tensor {key!r} in {folder}")
+        if name.endswith(_HF_TRANSPOSED):
+            tensor = tensor.t()
+        if tuple(tensor.shape) != tuple(ours[name].shape):
+            raise ValueError(
+                f"shape mismatch for {key!r}: {tuple(tensor.shape)} vs {tuple(ours[name].shape)}"
+            )
+        with torch.no_grad():
+            ours[name].copy_(tensor.to(ours[name].dtype))
+        loaded.add(name)
+    expected = set(ours)
+    if model.config.tie_embeddings:
+        expected.discard("lm_head.weight")
+        loaded.discard("lm_head.weight")
+    missing = sorted(expected - loaded)
+    if missing:
+        raise ValueError(f"checkpoint in {folder} lacks tensors: {missing[:5]}")
+
+
 class GPT(nn.Module):
     """Decoder-only transformer language model.
 
@@ -715,45 +757,8 @@ class GPT(nn.Module):
             layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
         )
 
-        st_path = folder / "model.safetensors"
-        bin_path = folder / "pytorch_model.bin"
-        if st_path.is_file():
-            from safetensors.torch import load_file
-
-            sd = load_file(str(st_path))
-        elif bin_path.is_file():
-            sd = torch.load(str(bin_path), map_location="cpu", weights_only=True)
-        else:
-            raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {folder}")
-
         model = cls(config)
-        ours = model.state_dict()
-        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
-                      "mlp.c_proj.weight")
-        loaded: set[str] = set()
-        for key, tensor in sd.items():
-            name = key if key.startswith(("transformer.", "lm_head.")) else f"transformer.{key}"
-            if name.endswith((".attn.bias", ".attn.masked_bias")):
-                continue  # causal-mask buffers of old checkpoints
-            if name not in ours:
-                raise ValueError(f"unexpected tensor {key!r} in {folder}")
-            if name.endswith(transposed):
-                tensor = tensor.t()
-            if tuple(tensor.shape) != tuple(ours[name].shape):
-                raise ValueError(
-                    f"shape mismatch for {key!r}: {tuple(tensor.shape)} vs "
-                    f"{tuple(ours[name].shape)}"
-                )
-            with torch.no_grad():
-                ours[name].copy_(tensor.to(ours[name].dtype))
-            loaded.add(name)
-        expected = set(ours)
-        if config.tie_embeddings:
-            expected.discard("lm_head.weight")
-            loaded.discard("lm_head.weight")
-        missing = sorted(expected - loaded)
-        if missing:
-            raise ValueError(f"checkpoint in {folder} lacks tensors: {missing[:5]}")
+        _load_huggingface_weights(model, folder)
         model.eval()
         if device is not None:
             model.to(device)
@@ -794,14 +799,12 @@ class GPT(nn.Module):
             "use_cache": True,
             "tie_word_embeddings": c.tie_embeddings,
         }
-        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
-                      "mlp.c_proj.weight")
         tensors: dict[str, torch.Tensor] = {}
         for name, tensor in self.state_dict().items():
             if name == "lm_head.weight" and c.tie_embeddings:
                 continue  # safetensors refuses shared storage; transformers re-ties it
             t = tensor.detach().cpu().float()
-            if name.endswith(transposed):
+            if name.endswith(_HF_TRANSPOSED):
                 t = t.t()
             tensors[name] = t.contiguous()
         tmp = folder / "model.safetensors.tmp"
