@@ -14,9 +14,19 @@ trap 'rm -rf "$work"' EXIT
 fail() { echo "wheel_check: $*" >&2; exit 1; }
 t0=$SECONDS
 
-# 1. The wheel, with maturin's manylinux audit on. `-i` names the interpreter pip's PEP 517
-# build passes too, so the later `pip install ".[test]"` reuses this release build.
-maturin build --release -i "$PYEXE" --out "$work/dist"
+# 1. The wheel, with maturin's manylinux audit on. README's test command (next in .ci/run)
+# has pip build the same release extension with `maturin pep517 build-wheel -i <the
+# interpreter pip runs on>`; cargo reuses this build there only if that path (PYO3_PYTHON)
+# is the same, so take it from pip's shebang (`python3.11`, not `python3`, under pyenv).
+build_py=$PYEXE
+if pip_exe=$(command -v pip 2>/dev/null) && read -r first <"$pip_exe"; then
+    case "$first" in
+        '#!/'*python*) shebang=${first#'#!'}; shebang=${shebang%% *} ;;
+        *) shebang= ;;
+    esac
+    case "${shebang##*/}" in python*) [ -x "$shebang" ] && build_py=$shebang ;; esac
+fi
+maturin build --release -i "$build_py" --out "$work/dist"
 shopt -s nullglob
 wheels=("$work"/dist/*.whl)
 [ ${#wheels[@]} -eq 1 ] || fail "expected one wheel, got: ${wheels[*]}"
