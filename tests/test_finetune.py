@@ -317,3 +317,18 @@ def test_eval_only_under_two_processes_matches_one(tmp_path: Path, hf_dir: Path,
     assert two[1] is None  # only rank 0 reports
     assert one is not None and two[0]["val_tokens"] == one["val_tokens"]
     assert two[0]["val_loss"] == pytest.approx(one["val_loss"], rel=1e-6)
+
+
+def test_eval_only_shows_a_progress_bar_on_a_terminal(hf_dir: Path, gpt2_shards: Path,
+                                                      capsys: pytest.CaptureFixture,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    args = ["--eval-only", "--init-from", str(hf_dir), "--data", str(gpt2_shards),
+            "--device", "cpu", "--dtype", "float32", "--set", "threads=1",
+            "--data.eval_batch_size", "4"]
+    assert train_main(args) == 0
+    captured = capsys.readouterr()
+    windows = math.ceil(json.loads(captured.out.strip().splitlines()[-1])["val_tokens"] / 64)
+    assert "evaluating" in captured.err and f"/{math.ceil(windows / 4)}" in captured.err
+    assert train_main([*args, "--no-progress"]) == 0
+    assert "evaluating" not in capsys.readouterr().err

@@ -442,7 +442,10 @@ class Trainer:
         module = self.eval_module
         was_training = self.model.training
         self.model.eval()
+        bar = self._eval_bar(max_tokens, ebs)
         for x, y, index in self.data.val.iter_eval(max_tokens, ebs, equal_batches=True):
+            if bar is not None:
+                bar.update(1)
             x, y = x.to(self.device), y.to(self.device)
             with self._autocast():
                 logits = module(x)
@@ -452,6 +455,8 @@ class Trainer:
             in_sample = (index.to(self.device) < n_sample) & (index.to(self.device) >= 0)
             totals += torch.stack([nats.sum(), count.sum(), (nats * in_sample).sum(),
                                    (count * in_sample).sum()])
+        if bar is not None:
+            bar.close()
         self.model.train(was_training)
         self.dist.all_reduce_sum(totals)
         nats_all, n_all, nats_s, n_s = (float(v) for v in totals)
@@ -461,6 +466,19 @@ class Trainer:
         if rec["eval_s"] > 0:
             self.eval_rate = n_all / rec["eval_s"]
         return rec
+
+    def _eval_bar(self, max_tokens: int, batch_size: int) -> Any:
+        """A progress bar over this rank's evaluation batches: eval-only runs, rank 0, on a
+        terminal (training has its own bar)."""
+        if not (self.eval_only and self.dist.master and self.cfg.progress
+                and sys.stderr.isatty()):
+            return None
+        from tqdm import tqdm
+
+        windows = len(self.data.val.eval_windows(max_tokens))
+        total = math.ceil(math.ceil(windows / self.dist.world_size) / batch_size)
+        return tqdm(total=total, unit="batch", desc="evaluating", dynamic_ncols=True,
+                    leave=False)
 
     def _figures(self, prefix: str, nats: float, count: float) -> Record:
         rec: Record = {f"{prefix}_loss": nats / max(count, 1.0), f"{prefix}_tokens": int(count)}
