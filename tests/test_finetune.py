@@ -39,25 +39,9 @@ CPU = ["--device", "cpu", "--dtype", "float32", "--set", "threads=1", "--no-prog
        "--no-plot"]
 
 
-def make_hf_gpt2(folder: Path, seed: int = 0) -> transformers.GPT2LMHeadModel:
-    """A random 2-layer GPT-2 with GPT-2's vocabulary, saved as the hub's gpt2 folder is."""
-    import transformers
-
-    torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2,
-                                  n_head=2)
-    hf = transformers.GPT2LMHeadModel(cfg).eval()
-    hf.save_pretrained(folder)
-    shutil.copy(FIXTURES / "gpt2" / "encoder.json", folder / "vocab.json")
-    shutil.copy(FIXTURES / "gpt2" / "vocab.bpe", folder / "merges.txt")
-    return hf
-
-
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("gpt2")
-    make_hf_gpt2(folder)
-    return folder
+def hf_dir(hf_gpt2: Path) -> Path:
+    return hf_gpt2
 
 
 @pytest.fixture(scope="module")
