@@ -104,7 +104,7 @@ def test_transformers_loads_model_and_tokenizer(tmp_path: Path, small_tok: Token
 
 
 def test_gpt2_vocabulary_gets_the_hub_files(tmp_path: Path, gpt2_tok: Tokenizer,
-                                            small_tok: Tokenizer) -> None:
+                                            small_tok: Tokenizer, hf_gpt2: Path) -> None:
     import transformers
 
     assert is_gpt2_tokenizer(gpt2_tok) and not is_gpt2_tokenizer(small_tok)
@@ -125,6 +125,14 @@ def test_gpt2_vocabulary_gets_the_hub_files(tmp_path: Path, gpt2_tok: Tokenizer,
             gpt2_tok.encode(text, allowed_special="all")
     assert load_model(out).tokenizer.to_json_str() == gpt2_tok.to_json_str()
     assert json.loads((out / "config.json").read_text())["vocab_size"] == 50304
+    # a Hugging Face folder exports too (its tokenizer from its files or --gpt2-vocab)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((hf_gpt2 / name).read_bytes())
+    assert main([str(bare), "--huggingface", str(tmp_path / "re"), "--gpt2-vocab",
+                 str(FIXTURES / "gpt2")]) == 0
+    assert (tmp_path / "re" / "merges.txt").read_text() == (out / "merges.txt").read_text()
 
 
 # ---------------------------------------------------------------- refusals
