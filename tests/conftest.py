@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -34,3 +35,25 @@ def shared_data() -> Path:
     if not (SHARED / "tiktoken" / "cl100k_base.tiktoken").exists():
         pytest.skip(f"needs the shared data folder ({SHARED}) with the tiktoken rank files")
     return SHARED
+
+
+def make_hf_gpt2(folder: Path, seed: int = 0) -> Path:
+    """A random 2-layer GPT-2 (n_embd 32, context 64) with GPT-2's vocabulary, saved by
+    ``transformers`` with the tokenizer files the hub's gpt2 folder has (``vocab.json`` +
+    ``merges.txt``: the committed ``encoder.json`` + ``vocab.bpe`` under those names)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2,
+                                  n_head=2)
+    transformers.GPT2LMHeadModel(cfg).eval().save_pretrained(folder)
+    shutil.copy(FIXTURES / "gpt2" / "encoder.json", folder / "vocab.json")
+    shutil.copy(FIXTURES / "gpt2" / "vocab.bpe", folder / "merges.txt")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def hf_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """See :func:`make_hf_gpt2` (made once per test session)."""
+    return make_hf_gpt2(tmp_path_factory.mktemp("hf_gpt2"))

@@ -237,12 +237,13 @@ class RunFolder:
         names = [self.latest, self.best, self.config_json, self.metrics, self.plot]
         return [p for p in names if p.exists()] + [p for _, p in self.numbered()]
 
-    def prepare_new_run(self, overwrite: bool) -> None:
-        """Make the folder ready for a fresh run; refuse to reuse one that holds another run.
+    def check_new_run(self, overwrite: bool) -> List[Path]:
+        """Refuse a folder that cannot take a fresh run, changing nothing; returns the files
+        of the previous run that :meth:`prepare_new_run` would delete.
 
         Raises:
             CheckpointError: the folder holds a run and ``overwrite`` is false; the path is a
-                file; the folder cannot be created or written.
+                file.
         """
         if self.path.exists() and not self.path.is_dir():
             raise CheckpointError(f"--out {self.path} is a file, not a folder")
@@ -253,6 +254,16 @@ class RunFolder:
                 f"{', ...' if len(old) > 3 else ''}); continue it with --resume, replace it with "
                 "--overwrite, or choose another --out"
             )
+        return old
+
+    def prepare_new_run(self, overwrite: bool) -> None:
+        """Make the folder ready for a fresh run; refuse to reuse one that holds another run.
+
+        Raises:
+            CheckpointError: the folder holds a run and ``overwrite`` is false; the path is a
+                file; the folder cannot be created or written.
+        """
+        old = self.check_new_run(overwrite)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             probe = self.path / f".smallgpt-write-test-{os.getpid()}"

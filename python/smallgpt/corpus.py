@@ -347,9 +347,14 @@ def _tokenize(
         tok = load_any_tokenizer(tokenizer, pattern, special_tokens)
     elif gpt2_dir is not None:
         g = Path(gpt2_dir)
-        if not (g / "encoder.json").is_file() or not (g / "vocab.bpe").is_file():
-            raise CorpusError(f"{g}: needs encoder.json and vocab.bpe")
-        tok = Tokenizer.from_gpt2(g / "encoder.json", g / "vocab.bpe")
+        # OpenAI's names, or the same two files as Hugging Face's gpt2 folder names them.
+        pairs = [(g / e, g / b) for e, b in (("encoder.json", "vocab.bpe"),
+                                             ("vocab.json", "merges.txt"))]
+        found = [pair for pair in pairs if pair[0].is_file() and pair[1].is_file()]
+        if not found:
+            raise CorpusError(f"{g}: needs encoder.json and vocab.bpe (or vocab.json and "
+                              "merges.txt)")
+        tok = Tokenizer.from_gpt2(*found[0])
     else:
         assert vocab_size is not None
         pattern = pattern or "gpt4"

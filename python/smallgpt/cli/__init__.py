@@ -1,4 +1,5 @@
-"""Command-line entry points: smallgpt-tokenize, smallgpt-train, smallgpt-sample."""
+"""Command-line entry points: smallgpt-tokenize, smallgpt-train, smallgpt-sample, smallgpt-eval,
+smallgpt-export."""
 
 from __future__ import annotations
 

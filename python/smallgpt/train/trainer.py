@@ -132,7 +132,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        pretrained = load_model(cfg.init_from) if cfg.init_from and ckpt is None else None
+        pretrained = self._load_pretrained() if cfg.init_from and ckpt is None else None
         block = (ckpt.model_config if ckpt else pretrained.model.config if pretrained
                  else cfg.model).block_size
         self.seq_len = cfg.data.seq_len or block
@@ -143,6 +143,11 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model = self._build_model(ckpt, pretrained)
         self.model_config: GPTConfig = self.model.config
+        if ckpt is None and not self.eval_only:
+            # Only now that data and model are known good may an old run be replaced.
+            if self.dist.master:
+                self.run.prepare_new_run(overwrite)
+            self.dist.barrier()
         self.model.gradient_checkpointing = cfg.grad_checkpointing
         wrapped = wrap_model(self.model, self.dist) if self.dist.mode == "fsdp" else self.model
         self.optimizers = [] if self.eval_only else \
@@ -197,9 +202,8 @@ class Trainer:
                     f"{ckpt.version}); it can be sampled, exported or used with --init-from, "
                     "but not resumed")
             return ckpt
-        if self.dist.master and not self.eval_only:
-            self.run.prepare_new_run(overwrite)
-        self.dist.barrier()
+        if not self.eval_only:
+            self.run.check_new_run(overwrite)  # changes nothing: see _setup
         return None
 
     def _setup_threads(self, ckpt: Optional[Checkpoint]) -> None:
@@ -272,6 +276,12 @@ class Trainer:
         else:
             vocab = m.vocab_size
         return GPTConfig(**{**m.to_dict(), "vocab_size": vocab})
+
+    def _load_pretrained(self) -> LoadedModel:
+        try:
+            return load_model(self.cfg.init_from)
+        except CheckpointError as e:
+            raise CheckpointError(f"--init-from: {e}") from None
 
     def _pretrained(self, src: LoadedModel) -> Tuple[GPTConfig, Dict[str, torch.Tensor]]:
         """Shape and weights of ``init_from``; the command line may change dropout only."""
@@ -432,7 +442,10 @@ class Trainer:
         module = self.eval_module
         was_training = self.model.training
         self.model.eval()
+        bar = self._eval_bar(max_tokens, ebs)
         for x, y, index in self.data.val.iter_eval(max_tokens, ebs, equal_batches=True):
+            if bar is not None:
+                bar.update(1)
             x, y = x.to(self.device), y.to(self.device)
             with self._autocast():
                 logits = module(x)
@@ -442,6 +455,8 @@ class Trainer:
             in_sample = (index.to(self.device) < n_sample) & (index.to(self.device) >= 0)
             totals += torch.stack([nats.sum(), count.sum(), (nats * in_sample).sum(),
                                    (count * in_sample).sum()])
+        if bar is not None:
+            bar.close()
         self.model.train(was_training)
         self.dist.all_reduce_sum(totals)
         nats_all, n_all, nats_s, n_s = (float(v) for v in totals)
@@ -451,6 +466,19 @@ class Trainer:
         if rec["eval_s"] > 0:
             self.eval_rate = n_all / rec["eval_s"]
         return rec
+
+    def _eval_bar(self, max_tokens: int, batch_size: int) -> Any:
+        """A progress bar over this rank's evaluation batches: eval-only runs, rank 0, on a
+        terminal (training has its own bar)."""
+        if not (self.eval_only and self.dist.master and self.cfg.progress
+                and sys.stderr.isatty()):
+            return None
+        from tqdm import tqdm
+
+        windows = len(self.data.val.eval_windows(max_tokens))
+        total = math.ceil(math.ceil(windows / self.dist.world_size) / batch_size)
+        return tqdm(total=total, unit="batch", desc="evaluating", dynamic_ncols=True,
+                    leave=False)
 
     def _figures(self, prefix: str, nats: float, count: float) -> Record:
         rec: Record = {f"{prefix}_loss": nats / max(count, 1.0), f"{prefix}_tokens": int(count)}

@@ -1,0 +1,234 @@
+"""``smallgpt-export``: write a run (or checkpoint) as a Hugging Face GPT-2 folder.
+
+Example::
+
+    smallgpt-export out/my-run --huggingface exported/
+    python -c "from transformers import AutoTokenizer, GPT2LMHeadModel; \\
+        GPT2LMHeadModel.from_pretrained('exported'); AutoTokenizer.from_pretrained('exported')"
+
+The folder holds ``config.json`` + ``model.safetensors`` (``GPT2LMHeadModel.from_pretrained``
+loads them) and the tokenizer: ``vocab.json`` + ``merges.txt`` when it is GPT-2's own
+vocabulary (what the hub's ``gpt2`` folder has), ``tokenizer.json`` otherwise, each with a
+``tokenizer_config.json`` so that ``AutoTokenizer.from_pretrained`` loads it. A run folder
+gives ``ckpt_best.pt`` (else ``ckpt_latest.pt``); name a checkpoint file to choose another.
+
+Only GPT-2-shaped models can be exported (learned positions, biases, a GPT-2 activation and
+no option GPT-2 lacks); others are refused with the option named. The folder appears whole or
+not at all: it is written into a temporary folder next to ``OUT`` and renamed. A non-empty
+``OUT`` is refused unless ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Union
+
+from smallgpt.cli import OneLineParser, fail
+
+if TYPE_CHECKING:
+    from smallgpt.model import GPTConfig
+    from smallgpt.tokenizer import Tokenizer
+
+__all__ = ["ExportError", "export_huggingface", "gpt2_incompatibilities", "is_gpt2_tokenizer",
+           "main"]
+
+PROG = "smallgpt-export"
+PathLike = Union[str, "os.PathLike[str]"]
+
+# GPT-2's vocabulary: tiktoken's r50k pattern, <|endoftext|> = 50256, and the SHA-256 of its
+# 50256 ordinary tokens' bytes (each preceded by its length, 2 bytes little-endian), in id order.
+GPT2_PATTERN = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|"""
+                r"""\s+(?!\S)|\s""")
+GPT2_TOKENS_SHA256 = "3b27ee95684e28911415c6bcd8537b0d5b950f05a84053d4e6c63a26990f9617"
+EOT = "<|endoftext|>"
+
+# GPTConfig fields that GPT-2's config expresses, or that are checked one by one below.
+_EXPRESSED = {"vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dropout",
+              "layer_norm_eps", "tie_embeddings", "position", "bias", "activation",
+              "rope_theta"}
+
+
+class ExportError(ValueError):
+    """The model cannot be exported, or ``OUT`` cannot be written (one-line reason)."""
+
+
+def gpt2_incompatibilities(config: GPTConfig) -> List[str]:
+    """What GPT-2 cannot represent in ``config``, one phrase per option (empty: exportable).
+
+    Besides the known options (positions, biases, activation), any other field whose value
+    is not its default (an option GPT-2 has no equivalent for) is named.
+    """
+    problems = []
+    if config.position != "learned":
+        problems.append(f"position = {config.position!r} (GPT-2 learns absolute positions)")
+    if not config.bias:
+        problems.append("bias = False (GPT-2's linear and LayerNorm layers have biases)")
+    if config.activation not in ("relu", "gelu", "gelu_tanh"):
+        problems.append(f"activation = {config.activation!r}")
+    for f in dataclasses.fields(config):
+        if f.name in _EXPRESSED:
+            continue
+        if f.default is not dataclasses.MISSING:
+            default: Any = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = object()  # no default: always reported
+        value = getattr(config, f.name)
+        if value != default:
+            problems.append(f"{f.name} = {value!r} (GPT-2 has no such option)")
+    return problems
+
+
+def is_gpt2_tokenizer(tok: Tokenizer) -> bool:
+    """True when ``tok`` is GPT-2's vocabulary exactly (tokens, ids, pattern, specials)."""
+    if tok.pattern != GPT2_PATTERN or tok.special_tokens != {EOT: 50256} \
+            or tok.n_ordinary != 50256:
+        return False
+    h = hashlib.sha256()
+    for i in range(tok.n_ordinary):
+        b = tok.token_bytes(i)
+        h.update(len(b).to_bytes(2, "little") + b)
+    return h.hexdigest() == GPT2_TOKENS_SHA256
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _write_tokenizer(tok: Tokenizer, folder: Path, block_size: int) -> List[str]:
+    """The tokenizer files transformers reads; returns their names."""
+    from smallgpt.tokenizer import _bytes_to_unicode
+
+    specials: Dict[str, Any] = {"model_max_length": block_size}
+    if tok.eot_id is not None:
+        specials.update(bos_token=EOT, eos_token=EOT)
+    if is_gpt2_tokenizer(tok):
+        b2u = _bytes_to_unicode()
+
+        def u(i: int) -> str:
+            return "".join(b2u[x] for x in tok.token_bytes(i))
+
+        vocab = {u(i): i for i in range(tok.n_ordinary)}
+        vocab[EOT] = 50256
+        _write_json(folder / "vocab.json", vocab)
+        merges = "".join(f"{u(left)} {u(right)}\n" for left, right in tok.merges)
+        (folder / "merges.txt").write_text("#version: 0.2\n" + merges, encoding="utf-8")
+        _write_json(folder / "tokenizer_config.json", {
+            "tokenizer_class": "GPT2Tokenizer", "unk_token": EOT, "add_prefix_space": False,
+            **specials})
+        return ["vocab.json", "merges.txt", "tokenizer_config.json"]
+    tok.save_huggingface(folder / "tokenizer.json")
+    _write_json(folder / "tokenizer_config.json",
+                {"tokenizer_class": "PreTrainedTokenizerFast", **specials})
+    return ["tokenizer.json", "tokenizer_config.json"]
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"{out} is not empty; choose another folder or pass --overwrite")
+
+
+def export_huggingface(source: PathLike, out: PathLike, *, overwrite: bool = False,
+                       gpt2_vocab: Optional[PathLike] = None) -> List[str]:
+    """Write ``source`` (run folder, checkpoint file or Hugging Face folder) to ``out`` as a
+    Hugging Face GPT-2 folder; returns the names of the files written.
+
+    Raises:
+        CheckpointError: ``source`` is not a loadable model.
+        ExportError: GPT-2 cannot represent the model; ``out`` is a file, or not empty
+            without ``overwrite``. Nothing is written in these cases.
+    """
+    from smallgpt.checkpoint import load_model
+
+    out = Path(out)
+    _check_out(out, overwrite)
+    loaded = load_model(source, gpt2_vocab)
+    problems = gpt2_incompatibilities(loaded.model.config)
+    if problems:
+        raise ExportError(f"{loaded.source}: GPT-2 cannot represent {'; '.join(problems)}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        names = _write_folder(loaded, tmp)
+        _replace_folder(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return names
+
+
+def _write_folder(loaded: Any, folder: Path) -> List[str]:
+    model, tok = loaded.model, loaded.tokenizer
+    model.save_huggingface(folder)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    eot = tok.eot_id if tok is not None else None
+    config.update(bos_token_id=eot, eos_token_id=eot)  # GPT-2's default 50256 otherwise
+    _write_json(folder / "config.json", config)
+    names = ["config.json", "model.safetensors"]
+    if tok is not None:
+        names += _write_tokenizer(tok, folder, model.config.block_size)
+    return names
+
+
+def _replace_folder(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside first, then deleted."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog=PROG, description="Export a smallgpt run or checkpoint as a "
+                      "Hugging Face GPT-2 folder (config.json, model.safetensors, tokenizer).")
+    p.add_argument("source", metavar="RUN_OR_CHECKPOINT",
+                   help="run folder (its ckpt_best.pt, else ckpt_latest.pt) or checkpoint file")
+    p.add_argument("--huggingface", required=True, metavar="OUT", help="folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    p.add_argument("--gpt2-vocab", metavar="DIR", help="GPT-2 vocabulary files, when SOURCE is "
+                   "a Hugging Face folder without them")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of ``smallgpt-export``; returns the exit status."""
+    args = _parser().parse_args(argv)
+    from smallgpt.checkpoint import CheckpointError
+
+    try:
+        names = export_huggingface(args.source, args.huggingface, overwrite=args.overwrite,
+                                   gpt2_vocab=args.gpt2_vocab)
+    except (CheckpointError, ExportError) as e:
+        return fail(PROG, e)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; nothing written", file=sys.stderr)
+        return 130
+    except OSError as e:
+        return fail(PROG, f"cannot write {args.huggingface}: {e.strerror or e}", 1)
+    if "vocab.json" not in names and "tokenizer.json" not in names:
+        print(f"{PROG}: warning: {args.source} has no tokenizer; only the model was written",
+              file=sys.stderr)
+    print(f"{PROG}: wrote {args.huggingface}: {', '.join(names)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
