@@ -84,9 +84,10 @@ def test_options_compile() -> None:
 # ---------------------------------------------------------------- Muon
 
 
-def test_newton_schulz_orthogonalises() -> None:
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_newton_schulz_orthogonalises(dtype: torch.dtype) -> None:
     g = torch.randn(48, 16, generator=torch.Generator().manual_seed(0))
-    o = newton_schulz(g).float()
+    o = newton_schulz(g, dtype=dtype).float()
     s = torch.linalg.svdvals(o)
     assert o.shape == g.shape and 0.5 < float(s.min()) and float(s.max()) < 1.5
     # the same directions as g's SVD (U V^T), up to the spread of singular values

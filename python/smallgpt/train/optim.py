@@ -5,8 +5,9 @@ and embeddings; not on biases and norm gains), the fused kernel on CUDA.
 
 ``optim.name = "muon"``: Muon (momentum, then Newton–Schulz orthogonalisation of the update)
 for the 2-D weight matrices inside the transformer blocks, AdamW for the rest (embeddings,
-head, norms, biases), as in modded-nanogpt and nanochat. ``torch.optim.Muon`` is used where
-the installed torch has it (2.9 and later); otherwise :class:`Muon` below, the same algorithm.
+head, norms, biases), as in modded-nanogpt and nanochat. On GPUs ``torch.optim.Muon`` is used
+where the installed torch has it (2.9 and later); otherwise, and on CPUs, :class:`Muon` below:
+the same update (tested equal to torch's), with the Newton–Schulz iteration in fp32 on CPUs.
 
 Every group carries ``base_lr``: the schedule sets ``lr = base_lr * factor`` each step, so
 groups with different rates follow one schedule.
@@ -93,9 +94,17 @@ def build_optimizers(model: torch.nn.Module, o: OptimSection,
         return [configure_optimizer(model, o.lr, o.weight_decay, betas, o.eps, device,
                                     o.embed_lr)]
     hidden, rest = split_params(model)
-    muon_cls = getattr(torch.optim, "Muon", Muon)
-    muon = muon_cls([{"params": hidden, "base_lr": o.muon_lr}], lr=o.muon_lr,
-                    weight_decay=o.muon_weight_decay, momentum=o.muon_momentum, nesterov=True)
+    groups = [{"params": hidden, "base_lr": o.muon_lr}]
+    kw = dict(lr=o.muon_lr, weight_decay=o.muon_weight_decay, momentum=o.muon_momentum,
+              nesterov=True)
+    muon: torch.optim.Optimizer
+    if device.type == "cuda" and hasattr(torch.optim, "Muon"):
+        muon = torch.optim.Muon(groups, **kw)
+    else:
+        # On CPUs the iteration runs in fp32: CPUs without native bf16 (AVX2) emulate it at a
+        # large cost, and on those with it fp32 was as fast for these sizes (RESULTS.md).
+        cpu = device.type == "cpu"
+        muon = Muon(groups, ns_dtype=torch.float32 if cpu else torch.bfloat16, **kw)
     return [muon, _adamw(model, rest, o.lr, o.weight_decay, betas, o.eps, device, o.embed_lr)]
 
 
@@ -107,11 +116,13 @@ def set_lr(optimizers: List[torch.optim.Optimizer], factor: float) -> None:
 
 
 def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7,
-                  coefficients: Tuple[float, float, float] = NS_COEFFICIENTS) -> torch.Tensor:
+                  coefficients: Tuple[float, float, float] = NS_COEFFICIENTS,
+                  dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Approximately orthogonalise ``g`` (``U S V^T -> U S' V^T`` with ``S'`` near 1) by a
-    quintic Newton–Schulz iteration in bf16, as Keller Jordan's Muon and torch's do."""
+    quintic Newton–Schulz iteration, in bf16 as Keller Jordan's Muon and torch's do, or in
+    ``dtype``."""
     a, b, c = coefficients
-    x = g.to(torch.bfloat16, copy=True)
+    x = g.to(dtype, copy=True)
     tall = g.size(0) > g.size(1)
     if tall:
         x = x.T
@@ -132,9 +143,10 @@ class Muon(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 0.02, weight_decay: float = 0.0,
                  momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
-                 eps: float = 1e-7) -> None:
+                 eps: float = 1e-7, ns_dtype: torch.dtype = torch.bfloat16) -> None:
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_steps=ns_steps, eps=eps)
+        self.ns_dtype = ns_dtype
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
@@ -159,7 +171,8 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - m)
                 update = p.grad.lerp(buf, m) if group["nesterov"] else buf
-                update = newton_schulz(update, group["ns_steps"], group["eps"])
+                update = newton_schulz(update, group["ns_steps"], group["eps"],
+                                       dtype=self.ns_dtype)
                 p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(update, alpha=-group["lr"] * math.sqrt(max(1.0, p.size(0) / p.size(1))))
         return loss
