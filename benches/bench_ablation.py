@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 VARIANTS: Dict[str, List[str]] = {
     "baseline": [],
-    "muon": ["--optim.name", "muon"],
+    "muon": ["--optim.name", "muon", "--optim.muon_lr", "0.01"],
     "rmsnorm": ["--model.norm", "rmsnorm"],
     "rmsnorm, no gains": ["--model.norm", "rmsnorm", "--model.norm_weight", "false"],
     "qk_norm": ["--model.qk_norm", "true"],
@@ -61,6 +61,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--only", help="comma-separated variant names")
     p.add_argument("--extra", default="", help="overrides added to every run (space-separated)")
+    p.add_argument("--no-record", action="store_true", help="print only (tuning runs)")
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     names = args.only.split(",") if args.only else list(VARIANTS)
@@ -71,11 +72,11 @@ def main() -> int:
                 extra = VARIANTS[name] + args.extra.split()
                 results.setdefault(name, []).append(
                     run(name, extra, seed, args.seconds, args.threads, Path(tmp)))
-    report(args, results)
+    report(args, results, record=not args.no_record)
     return 0
 
 
-def report(args: argparse.Namespace, results: Dict[str, List[float]]) -> None:
+def report(args: argparse.Namespace, results: Dict[str, List[float]], record: bool) -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                             capture_output=True, text=True).stdout.strip()
     base = statistics.mean(results["baseline"]) if "baseline" in results else None
@@ -94,8 +95,9 @@ def report(args: argparse.Namespace, results: Dict[str, List[float]]) -> None:
                      f"{min(vals):.4f} .. {max(vals):.4f} | {delta} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    with open(ROOT / "benches" / "RESULTS.md", "a", encoding="utf-8") as f:
-        f.write("\n## bench_ablation\n\n" + text)
+    if record:
+        with open(ROOT / "benches" / "RESULTS.md", "a", encoding="utf-8") as f:
+            f.write("\n## bench_ablation\n\n" + text)
 
 
 if __name__ == "__main__":
