@@ -328,3 +328,10 @@ def test_save_huggingface_rejects_non_gpt2_shapes(tmp_path, option, value) -> No
     with pytest.raises(ValueError, match=option):
         GPT(tiny(**{option: value})).save_huggingface(tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_zero_init_and_untied_models_export_others_are_named() -> None:
+    assert GPTConfig(zero_init_proj=True, tie_embeddings=False).gpt2_incompatibilities() == []
+    names = [p.split(" ")[0] for p in GPTConfig(norm="rmsnorm", norm_weight=False, qk_norm=True,
+                                                logit_softcap=15.0).gpt2_incompatibilities()]
+    assert names == ["norm", "norm_weight", "qk_norm", "logit_softcap"]

@@ -34,6 +34,11 @@ _ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "relu2")
 _POSITIONS = ("learned", "rope")
 _NORMS = ("layernorm", "rmsnorm")
 _SHAPE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")
+# Fields a GPT-2 config expresses, that are checked by name, or that only affect training
+# (initialisation): everything else must be at its default for an export.
+_GPT2_EXPRESSED = {"vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dropout",
+                   "layer_norm_eps", "tie_embeddings", "position", "bias", "activation",
+                   "rope_theta", "zero_init_proj"}
 
 # Hugging Face `activation_function` names and the exact function each one computes.
 _HF_TO_ACT = {
@@ -134,22 +139,22 @@ class GPTConfig:
             raise ValueError(f"logit_softcap must be >= 0 (0 = off), got {self.logit_softcap!r}")
 
     def gpt2_incompatibilities(self) -> list[str]:
-        """The options a Hugging Face GPT-2 model cannot represent (empty: exportable)."""
+        """What a Hugging Face GPT-2 model cannot represent, one ``name = value`` phrase per
+        option (empty: exportable). Besides the options checked by name, any other field set
+        away from its default is named too, so a new option is never dropped silently."""
         bad = []
         if self.position != "learned":
-            bad.append(f"position={self.position!r}")
+            bad.append(f"position = {self.position!r} (GPT-2 learns absolute positions)")
         if not self.bias:
-            bad.append("bias=False")
-        if self.activation == "relu2":
-            bad.append("activation='relu2'")
-        if self.norm != "layernorm":
-            bad.append(f"norm={self.norm!r}")
-        if not self.norm_weight:
-            bad.append("norm_weight=False")
-        if self.qk_norm:
-            bad.append("qk_norm=True")
-        if self.logit_softcap:
-            bad.append(f"logit_softcap={self.logit_softcap}")
+            bad.append("bias = False (GPT-2's linear and LayerNorm layers have biases)")
+        if self.activation not in _ACT_TO_HF:
+            bad.append(f"activation = {self.activation!r}")
+        for f in dataclasses.fields(self):
+            if f.name in _GPT2_EXPRESSED:
+                continue
+            value = getattr(self, f.name)
+            if value != f.default:
+                bad.append(f"{f.name} = {value!r} (GPT-2 has no such option)")
         return bad
 
     @property

@@ -21,7 +21,6 @@ not at all: it is written into a temporary folder next to ``OUT`` and renamed. A
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import os
@@ -49,42 +48,14 @@ GPT2_PATTERN = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++
 GPT2_TOKENS_SHA256 = "3b27ee95684e28911415c6bcd8537b0d5b950f05a84053d4e6c63a26990f9617"
 EOT = "<|endoftext|>"
 
-# GPTConfig fields that GPT-2's config expresses, or that are checked one by one below.
-_EXPRESSED = {"vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dropout",
-              "layer_norm_eps", "tie_embeddings", "position", "bias", "activation",
-              "rope_theta"}
-
-
 class ExportError(ValueError):
     """The model cannot be exported, or ``OUT`` cannot be written (one-line reason)."""
 
 
 def gpt2_incompatibilities(config: GPTConfig) -> List[str]:
-    """What GPT-2 cannot represent in ``config``, one phrase per option (empty: exportable).
-
-    Besides the known options (positions, biases, activation), any other field whose value
-    is not its default (an option GPT-2 has no equivalent for) is named.
-    """
-    problems = []
-    if config.position != "learned":
-        problems.append(f"position = {config.position!r} (GPT-2 learns absolute positions)")
-    if not config.bias:
-        problems.append("bias = False (GPT-2's linear and LayerNorm layers have biases)")
-    if config.activation not in ("relu", "gelu", "gelu_tanh"):
-        problems.append(f"activation = {config.activation!r}")
-    for f in dataclasses.fields(config):
-        if f.name in _EXPRESSED:
-            continue
-        if f.default is not dataclasses.MISSING:
-            default: Any = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            default = object()  # no default: always reported
-        value = getattr(config, f.name)
-        if value != default:
-            problems.append(f"{f.name} = {value!r} (GPT-2 has no such option)")
-    return problems
+    """What GPT-2 cannot represent in ``config`` (see
+    :meth:`smallgpt.model.GPTConfig.gpt2_incompatibilities`)."""
+    return config.gpt2_incompatibilities()
 
 
 def is_gpt2_tokenizer(tok: Tokenizer) -> bool:
