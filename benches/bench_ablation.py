@@ -37,6 +37,9 @@ VARIANTS: Dict[str, List[str]] = {
     "no biases": ["--model.bias", "false"],
 }
 VARIANTS["all"] = [a for name, args in VARIANTS.items() if name != "rmsnorm" for a in args]
+# the options that won alone (2026-12-03 ablation), together
+VARIANTS["winners"] = [a for name in ("muon", "relu2", "zero_init_proj", "untied head", "qk_norm")
+                       for a in VARIANTS[name]]
 
 
 def run(variant: str, extra: List[str], seed: int, seconds: float, threads: int,

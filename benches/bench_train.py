@@ -3,6 +3,12 @@
     python benches/bench_train.py                      # CPU: quickstart, ~10M, GPT-2 124M @ T=64
     python benches/bench_train.py --device cuda        # GPU: adds T=1024 for GPT-2 124M
     python benches/bench_train.py --sizes gpt2-124m --variants fp32,bf16 --seconds 20 --all
+    python benches/bench_train.py --compare ../base    # this code and another checkout's,
+                                                       # interleaved in one run
+
+With ``--compare TREE`` every (size, variant) is measured for this checkout and for TREE (a
+checkout of another commit with its extension built), alternately, each in a fresh process
+that imports that tree's ``python/`` folder, and the table gives both and their ratio.
 
 Each (size, variant) runs a few warm-up steps and then full optimizer steps (forward,
 backward, clip, AdamW) on random tokens for about ``--seconds`` seconds. MFU is
@@ -15,13 +21,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
+ROOT = Path(__file__).resolve().parent.parent
+if "--worker" not in sys.argv:  # a --compare child imports the tree PYTHONPATH names
+    sys.path.insert(0, str(ROOT / "python"))
 
 import torch  # noqa: E402
 
@@ -38,6 +49,11 @@ SIZES: Dict[str, Any] = {
                    16, 64, 64),
     "10m": (dict(vocab_size=2048, n_layer=6, n_head=6, n_embd=384), 16, 128, 256),
     "gpt2-124m": (dict(vocab_size=50304, n_layer=12, n_head=12, n_embd=768), 4, 64, 1024),
+    # the quickstart's size with every modern block option (this code only)
+    "quickstart-modern": (dict(vocab_size=512, n_layer=1, n_head=4, n_embd=128, position="rope",
+                               norm="rmsnorm", norm_weight=False, qk_norm=True,
+                               activation="relu2", bias=False, logit_softcap=15.0),
+                          16, 64, 64),
 }
 DEFAULT_THREADS = torch.get_num_threads()
 VARIANTS = {
@@ -119,6 +135,46 @@ def bench_one(
     }
 
 
+def _worker(args: argparse.Namespace) -> None:
+    """One measurement in this process; prints its row as JSON (``--compare`` children)."""
+    r = bench_one(args.sizes, args.variants, torch.device(args.device), args.seconds,
+                  args.batch, args.gpu_batch_mult)
+    print("RESULT " + json.dumps(r), flush=True)
+
+
+def _measure(tree: Path, args: argparse.Namespace, size: str, variant: str) -> Dict[str, Any]:
+    env = dict(os.environ, PYTHONPATH=str(tree / "python"))
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--sizes", size,
+           "--variants", variant, "--device", args.device, "--seconds", str(args.seconds),
+           "--threads", str(args.threads or DEFAULT_THREADS),
+           "--gpu-batch-mult", str(args.gpu_batch_mult)]
+    if args.batch:
+        cmd += ["--batch", str(args.batch)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+    if not line:
+        raise RuntimeError((out.stderr.strip().splitlines() or ["no result"])[-1])
+    return json.loads(line[-1][len("RESULT "):])
+
+
+def _compare(args: argparse.Namespace) -> None:
+    here, other = ROOT, Path(args.compare).resolve()
+    print(f"{'size':<18} {'variant':<8} {'this tok/s':>11} {'other tok/s':>12} {'ratio':>6}")
+    for size in args.sizes.split(","):
+        for variant in args.variants.split(","):
+            runs: Dict[str, List[float]] = {"this": [], "other": []}
+            for _ in range(args.repeats):  # interleaved: load drifts hit both alike
+                for name, tree in (("this", here), ("other", other)):
+                    try:
+                        runs[name].append(_measure(tree, args, size, variant)["tok_s"])
+                    except RuntimeError as e:
+                        print(f"{size:<18} {variant:<8} {name}: failed: {e}")
+            if runs["this"] and runs["other"]:
+                a, b = max(runs["this"]), max(runs["other"])
+                print(f"{size:<18} {variant:<8} {a:>11.0f} {b:>12.0f} {a / b:>6.3f}",
+                      flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
@@ -132,11 +188,22 @@ def main() -> None:
         "--gpu-batch-mult", type=int, default=4, help="multiply the default batch sizes on CUDA"
     )
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--all", action="store_true",
+                   help="also run bf16/compile on the larger sizes of CPUs without native bf16")
+    p.add_argument("--compare", metavar="TREE", help="another checkout to measure alongside")
+    p.add_argument("--repeats", type=int, default=3, help="with --compare: runs per tree")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     global DEFAULT_THREADS
     if args.threads:
         torch.set_num_threads(args.threads)
         DEFAULT_THREADS = args.threads
+    if args.worker:
+        _worker(args)
+        return
+    if args.compare:
+        _compare(args)
+        return
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -502,6 +502,7 @@ class Trainer:
         self.model.train()
         self._window = (time.perf_counter(), 0, 0.0)  # start, tokens, eval seconds
         self._window_step = self.step
+        self._first_step_end: Optional[Tuple[float, int]] = None
         saved_step = self.step if self.run.latest.exists() else -1
         bar = self._progress_bar()
         try:
@@ -541,8 +542,22 @@ class Trainer:
             return "max_time"
         return ""
 
+    def _guess_eval_cost(self) -> None:
+        """Until an evaluation has been timed, guess its cost from the training speed, every
+        step (a run of a few slow steps must not use up its budget before the first log)."""
+        if self.step == 1 or self._first_step_end is None:
+            # Step 1 includes one-off warm-up costs: measure from its end.
+            self._first_step_end = (time.perf_counter(), self.step)
+            return
+        t1, s1 = self._first_step_end
+        dt = time.perf_counter() - t1
+        if dt > 0 and self.step > s1:
+            self._plan_final_eval((self.step - s1) * self.tokens_per_step / dt)
+
     def _after_step(self, stats: Record, saved_step: int, print_lines: bool) -> int:
         cfg, step = self.cfg, self.step
+        if self.eval_rate == 0.0 and cfg.max_time > 0:
+            self._guess_eval_cost()
         is_last = cfg.max_steps > 0 and step >= cfg.max_steps
         do_eval = cfg.eval_interval > 0 and step % cfg.eval_interval == 0 and not is_last
         rec: Record = {}
@@ -579,9 +594,6 @@ class Trainer:
         tps = steps_in_window * self.tokens_per_step / max(dt, 1e-9)
         self._window = (time.perf_counter(), 0, 0.0)
         self._window_step = self.step
-        if self.eval_rate == 0.0 and self.step > 1:
-            # Step 1 includes one-off warm-up costs; afterwards guess the eval cost.
-            self._plan_final_eval(tps)
         return {"step": self.step, "loss": stats["loss"], "lr": stats["lr"],
                 "grad_norm": stats["grad_norm"], "tokens_per_sec": tps,
                 "tokens": self.tokens_seen,
