@@ -16,7 +16,7 @@ import torch
 
 import smallgpt
 from smallgpt.cli.train import main
-from smallgpt.config import TrainConfig, list_presets, load_preset, merge_dict, validate
+from smallgpt.config import build_config, list_presets, validate
 from smallgpt.data import write_meta, write_shard
 
 PKG_ROOT = str(Path(smallgpt.__file__).resolve().parent.parent)
@@ -59,8 +59,10 @@ def assert_one_line_error(res: subprocess.CompletedProcess, needle: str) -> None
 def test_presets_are_valid() -> None:
     assert {"shakespeare-cpu", "shakespeare-gpu", "gpt2-124m"} <= set(list_presets())
     for name in list_presets():
-        cfg = merge_dict(TrainConfig(), load_preset(name))
-        validate(cfg)
+        # the preset as it is, and under budgets that select each [[by_time]] row, if any
+        for overrides in ({}, {"max_time": 30.0}, {"max_time": 300.0}, {"max_time": 3600.0}):
+            cfg = build_config(preset=name, overrides=overrides)
+            validate(cfg)
 
 
 @pytest.mark.parametrize(
