@@ -115,7 +115,9 @@ def run_nanogpt(checkout: Path, work: Path, budget_s: float, threads: int) -> Di
     if not times:
         raise SystemExit(f"nanoGPT calibration failed:\n{out[-2000:]}")
     per_iter = statistics.median(times) / 1000.0
-    iters = int(budget_s * 0.93 / per_iter)  # start-up and its ten evaluations
+    # Its ten evaluations (2 x 20 batches each), checkpoints and start-up took ~15 % of a
+    # 10-minute budget on a 2-core CPU: plan the schedule so that the run ends in time.
+    iters = int(budget_s * 0.85 / per_iter)
     out_dir = work / "nano-run"
     shutil.rmtree(out_dir, ignore_errors=True)
     out, wall = _run_nanogpt(work, [f"--max_iters={iters}", f"--lr_decay_iters={iters}",
@@ -126,8 +128,9 @@ def run_nanogpt(checkout: Path, work: Path, budget_s: float, threads: int) -> Di
             "tokens_per_iter": 12 * 64}
 
 
-def nanogpt_to_smallgpt(ckpt: Path, shards: Path, dest: Path) -> Path:
-    """nanoGPT's checkpoint as a smallgpt checkpoint file (same parameter names)."""
+def nanogpt_to_smallgpt(ckpt: Path, shards: Path, dest: Path) -> tuple:
+    """nanoGPT's checkpoint as a smallgpt checkpoint file (same parameter names); returns
+    the file and nanoGPT's iteration."""
     import torch
 
     from smallgpt.checkpoint import Checkpoint
@@ -142,7 +145,7 @@ def nanogpt_to_smallgpt(ckpt: Path, shards: Path, dest: Path) -> Path:
              if not k.endswith(".attn.bias")}
     tok = (shards / "tokenizer.json").read_text(encoding="utf-8")
     Checkpoint(cfg, state, tokenizer=tok, step=int(raw["iter_num"])).save(dest)
-    return dest
+    return dest, int(raw["iter_num"])
 
 
 def evaluate(model: Path, shards: Path, threads: int) -> Dict[str, Any]:
@@ -164,7 +167,9 @@ def run_smallgpt(shards: Path, work: Path, budget_s: float, threads: int,
     wall = time.perf_counter() - t0
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in recs if "step" in r][-1]
-    return {"wall_s": wall, "steps": last["step"], "tokens": last.get("tokens"),
+    per_step = [r for r in recs if r.get("tokens")][-1]
+    tokens = per_step["tokens"] // per_step["step"] * last["step"]
+    return {"wall_s": wall, "steps": last["step"], "tokens": tokens,
             "elapsed_s": last.get("elapsed_s"), "ckpt": out / "ckpt_latest.pt"}
 
 
@@ -189,11 +194,30 @@ def main() -> int:
         nano = run_nanogpt(args.nanogpt.resolve(), args.work, budget, args.threads)
         (args.work / "nanogpt.json").write_text(json.dumps({**nano, "ckpt": str(nano["ckpt"])}))
     ours = run_smallgpt(shards, args.work, budget, args.threads, args.preset)
-    nano_eval = evaluate(nanogpt_to_smallgpt(nano["ckpt"], shards, args.work / "nanogpt.pt"),
-                         shards, args.threads)
+    nano_model, nano_iter = nanogpt_to_smallgpt(nano["ckpt"], shards, args.work / "nanogpt.pt")
+    nano_eval = {**evaluate(nano_model, shards, args.threads), "step": nano_iter}
     ours_eval = evaluate(ours["ckpt"], shards, args.threads)
     report(args, nano, nano_eval, ours, ours_eval)
     return 0
+
+
+def _cpu() -> str:
+    """CPU model and the vector flags that decide what runs fast (bf16, AVX-512, AMX)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    model = re.search(r"model name\s*:\s*(.*)", info)
+    found = re.search(r"flags\s*:\s*(.*)", info)
+    flags = set(found.group(1).split()) if found else set()
+    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{model.group(1).strip() if model else platform.machine()} ({' '.join(shown)})"
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
 
 
 def report(args: argparse.Namespace, nano: Dict[str, Any], nano_eval: Dict[str, Any],
@@ -206,8 +230,11 @@ def report(args: argparse.Namespace, nano: Dict[str, Any], nano_eval: Dict[str, 
         f"### {datetime.datetime.now():%Y-%m-%d %H:%M}: {args.minutes:g} minutes each, "
         f"{args.threads} threads",
         "",
-        f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"- machine: {_cpu()}, {os.cpu_count()} cores; torch {_torch_version()}; "
         f"code: {commit}; nanoGPT {nano_rev or '(no git)'}",
+        f"- nanoGPT: {nano['iters']} iterations planned from {nano['per_iter_s']:.3f} s/iter; "
+        f"its last checkpoint (iteration {nano_eval['step']}) counts"
+        + (" (stopped at 110 % of the budget)" if nano["wall_s"] > args.minutes * 66 else ""),
         f"- command: `python benches/bench_vs_nanogpt.py NANOGPT --minutes {args.minutes:g} "
         f"--threads {args.threads} --preset {args.preset}`",
         f"- validation: every token of \"{VAL_BOOK}\" ({ours_eval['val_tokens']:,} GPT-2 "
@@ -215,10 +242,10 @@ def report(args: argparse.Namespace, nano: Dict[str, Any], nano_eval: Dict[str, 
         "",
         "| run | steps | tokens seen | wall s | val_loss | val_bpb |",
         "|---|---:|---:|---:|---:|---:|",
-        f"| nanoGPT CPU recipe (4L x 128, T=64, B=12) | {nano['iters']} | "
-        f"{nano['iters'] * nano['tokens_per_iter']:,} | {nano['wall_s']:.0f} | "
+        f"| nanoGPT CPU recipe (4L x 128, T=64, B=12) | {nano_eval['step']} | "
+        f"{nano_eval['step'] * nano['tokens_per_iter']:,} | {nano['wall_s']:.0f} | "
         f"{nano_eval['val_loss']:.4f} | {nano_eval['val_bpb']:.4f} |",
-        f"| smallgpt `--preset {args.preset}` | {ours['steps']} | {ours['tokens'] or 0:,} | "
+        f"| smallgpt `--preset {args.preset}` | {ours['steps']} | {ours['tokens']:,} | "
         f"{ours['wall_s']:.0f} | {ours_eval['val_loss']:.4f} | {ours_eval['val_bpb']:.4f} |",
         "",
         f"smallgpt is **{nano_eval['val_bpb'] - ours_eval['val_bpb']:+.3f} bpb** better "

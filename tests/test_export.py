@@ -151,6 +151,44 @@ def test_what_gpt2_cannot_represent_is_refused(tmp_path: Path, small_tok: Tokeni
     assert not (tmp_path / "hf").exists() and leftovers(tmp_path) == []
 
 
+def test_tokenizer_hugging_face_would_read_differently_is_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A custom pre-tokenizer pattern that Oniguruma reads differently (a possessive
+    ``{1,3}+``): a one-line error naming the construct, and nothing written."""
+    tok = Tokenizer.train(["a 12 b 345 c"], vocab_size=260, pattern=r"\d{1,3}+|\D+")
+    save_run(tmp_path / "run", tok)
+    assert main([str(tmp_path / "run"), "--huggingface", str(tmp_path / "hf")]) == 2
+    assert_one_line_error(capsys.readouterr().err, "cannot export the tokenizer: ")
+    assert not (tmp_path / "hf").exists() and leftovers(tmp_path) == []
+
+
+class _Evil:
+    """Pickles to a call of os.system: loading it with weights_only=False would run it."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_hugging_face_weights_that_need_code_are_refused(
+        tmp_path: Path, small_tok: Tokenizer, capsys: pytest.CaptureFixture) -> None:
+    """A Hugging Face folder whose ``pytorch_model.bin`` pickles a call: never run, and a
+    one-line error (from export, as from every command that loads models)."""
+    save_run(tmp_path / "run", small_tok)
+    hf = tmp_path / "hf"
+    assert main([str(tmp_path / "run"), "--huggingface", str(hf)]) == 0
+    capsys.readouterr()
+    (hf / "model.safetensors").unlink()
+    marker = tmp_path / "pwned"
+    torch.save({"transformer.wte.weight": torch.zeros(320, 32), "x": _Evil(marker)},
+               hf / "pytorch_model.bin")
+    assert main([str(hf), "--huggingface", str(tmp_path / "out")]) == 2
+    assert_one_line_error(capsys.readouterr().err, "cannot load the Hugging Face model")
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
 def test_options_gpt2_lacks_are_named() -> None:
     """A newer option (here a made-up one) with a non-default value is named, so an export
     never silently drops what the model computes."""

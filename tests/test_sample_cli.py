@@ -147,6 +147,21 @@ def test_stop_string_cuts_the_output(run_dir: Path, capsys) -> None:  # type: ig
     assert capsys.readouterr().out == expected
 
 
+def test_stop_string_escapes_on_the_command_line(run_dir: Path, capsys) -> None:  # type: ignore[no-untyped-def]  # noqa: E501
+    """``--stop`` reads the same escapes as every smallgpt flag: ``\\n`` is a newline, and
+    non-ASCII text stays itself (the shared ``smallgpt.cli.unescape``)."""
+    base = ["--checkpoint", str(run_dir), "--prompt", "In", "--max-new-tokens", "200",
+            "--seed", "5", "--no-stream"]
+    assert main(base) == 0
+    free = capsys.readouterr().out[len("In") : -1]
+    cut = free.find("\n", 1)
+    assert cut > 0, "this seed's sample has a line break to stop at"
+    stop = free[cut - 1 : cut + 1]
+    typed = stop.replace("\\", "\\\\").replace("\n", "\\n")  # as a user types it
+    assert main([*base, "--stop", typed, "--stop", "ü\\tß"]) == 0
+    assert capsys.readouterr().out == "In" + free[: free.find(stop)] + "\n"
+
+
 def test_samples_and_beams(run_dir: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     base = ["--checkpoint", str(run_dir), "--prompt", "A", "--max-new-tokens", "12"]
     assert main([*base, "--num-samples", "3", "--seed", "2"]) == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -90,6 +91,19 @@ class FakeClock:
         import time
 
         return getattr(time, name)
+
+
+def test_missing_matplotlib_is_one_warning_line(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture) -> None:
+    from smallgpt.train.metrics import plot_metrics
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    assert plot_metrics(tmp_path) is False
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("smallgpt-train: warning: matplotlib")
+    assert "smallgpt[plot]" in err[0] and not (tmp_path / "loss_curve.png").exists()
 
 
 def test_run_outputs_checkpoints_and_metrics(tmp_path: Path, data_dir: Path) -> None:
@@ -282,8 +296,10 @@ def test_max_time_covers_the_final_eval(tmp_path: Path, data_dir: Path, log_inte
         assert lrs[-1] < 0.35 * cfg.optim.lr
 
 
+@pytest.mark.parametrize("eval_tokens", [32, 0])
 def test_max_time_cuts_a_final_eval_that_would_not_fit(tmp_path: Path, data_dir: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       eval_tokens: int) -> None:
     # Evaluation is made to look slow (each clock reading in it costs a lot), so the whole
     # split cannot be read in the budget: the final evaluation reads a prefix and says so.
     clock = FakeClock(0.01)
@@ -299,11 +315,17 @@ def test_max_time_cuts_a_final_eval_that_would_not_fit(tmp_path: Path, data_dir:
 
     monkeypatch.setattr(trainer_module.Trainer, "evaluate", slow)
     cfg = tiny_cfg(tmp_path / "t", data_dir, max_steps=0, max_time=20.0, eval_interval=20,
-                   log_interval=5, data__eval_tokens=32)
-    summary = train(cfg)
+                   log_interval=5, data__eval_tokens=eval_tokens)
+    seen: List[Dict[str, Any]] = []
+    summary = train(cfg, on_log=seen.append)
     assert summary["stopped"] == "max_time"
-    assert 32 <= summary["val_tokens"] < 699
-    assert summary["elapsed_s"] <= cfg.max_time
+    if eval_tokens:
+        assert 32 <= summary["val_tokens"] < 699
+        assert summary["elapsed_s"] <= cfg.max_time
+    else:  # evaluations during the run read the whole split: so does the final one, and
+        # ckpt_best compares like with like (never a prefix's loss against the whole split's)
+        assert {r["val_tokens"] for r in seen if "val_tokens" in r} == {summary["val_tokens"]}
+        assert summary["val_tokens"] == 699
 
 
 def test_best_checkpoint_compares_like_with_like(tmp_path: Path, data_dir: Path) -> None:

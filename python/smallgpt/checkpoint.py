@@ -372,7 +372,7 @@ def load_model(path: PathLike, gpt2_vocab: Optional[PathLike] = None) -> LoadedM
     if is_huggingface_folder(p):
         try:
             model = GPT.from_huggingface(p)
-        except (ValueError, OSError, RuntimeError, KeyError) as e:
+        except (ValueError, OSError, RuntimeError, KeyError, pickle.UnpicklingError) as e:
             raise CheckpointError(f"{p}: cannot load the Hugging Face model: {_first_line(e)}") \
                 from None
         tok = _huggingface_tokenizer(p, gpt2_vocab)

@@ -148,7 +148,10 @@ def _write_folder(loaded: Any, folder: Path) -> List[str]:
     _write_json(folder / "config.json", config)
     names = ["config.json", "model.safetensors"]
     if tok is not None:
-        names += _write_tokenizer(tok, folder, model.config.block_size)
+        try:
+            names += _write_tokenizer(tok, folder, model.config.block_size)
+        except ValueError as e:  # a pre-tokenizer pattern Hugging Face would read differently
+            raise ExportError(f"cannot export the tokenizer: {e}") from None
     return names
 
 

@@ -347,7 +347,9 @@ class Trainer:
         the measured evaluation speed (before the first evaluation, from the training speed:
         a forward pass is about a third of a training step) and kept free. When the whole
         validation split would take over half the budget, the final evaluation reads only
-        what fits in a quarter of it (at least ``data.eval_tokens``), and says so.
+        what fits in a quarter of it (at least ``data.eval_tokens``), and says so. With
+        ``data.eval_tokens = 0`` the evaluations during the run read the whole split, so the
+        final one does too: ``ckpt_best.pt`` compares losses on the same tokens.
         """
         cfg = self.cfg
         full = self.data.val.eval_token_count(0)
@@ -360,8 +362,9 @@ class Trainer:
             return
         if want / rate > 0.5 * cfg.max_time:
             fit = int(rate * 0.25 * cfg.max_time)
-            self.final_eval_tokens = min(want, max(fit, self.data.val.eval_token_count(
-                cfg.data.eval_tokens) if cfg.data.eval_tokens else 0, 1))
+            compared = cfg.data.eval_tokens > 0 or cfg.eval_interval > 0
+            floor = self.data.val.eval_token_count(cfg.data.eval_tokens) if compared else 1
+            self.final_eval_tokens = min(want, max(fit, floor, 1))
         self.eval_reserve = 1.2 * self.final_eval_tokens / rate + self.save_s + 0.2
 
     # ------------------------------------------------------------------ one step
