@@ -64,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--length-penalty", type=float, default=1.0, metavar="L")
     p.add_argument("--num-samples", type=int, default=1, metavar="N")
     p.add_argument("--seed", type=int, default=None, metavar="S")
-    p.add_argument("--stop", nargs="+", default=None, metavar="STR",
+    p.add_argument("--stop", nargs="+", action="extend", default=None, metavar="STR",
                    help="stop when one of these strings appears (it is not printed); "
                    "\\n, \\t, \\r, \\0 and \\\\ are understood")
     p.add_argument("--device", default=None, metavar="D",
