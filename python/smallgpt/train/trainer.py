@@ -807,7 +807,11 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
     trainer = Trainer(cfg, resume=resume, overwrite=overwrite, on_log=on_log,
                       model_overrides=model_overrides)
     try:
-        return trainer.fit()
+        summary = trainer.fit()
+        # Every rank is done with its collectives before any rank tears the group down:
+        # gloo aborts a peer (std::terminate) whose connection closes under it.
+        trainer.dist.barrier()
+        return summary
     finally:
         trainer.close()
 
@@ -825,6 +829,7 @@ def evaluate_only(cfg: TrainConfig, resume: bool = False,
     trainer = Trainer(cfg, resume=resume, eval_only=True, model_overrides=model_overrides)
     try:
         ev = trainer.evaluate(0)
+        trainer.dist.barrier()  # as in train(): no rank leaves while another still reduces
     finally:
         trainer.close()
     if not trainer.dist.master:
