@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -65,3 +66,13 @@ def tiny_cfg(out: Path, data: Path, **extra: Any) -> TrainConfig:
 
 def read_metrics(out: Path) -> List[Dict[str, Any]]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+class Evil:
+    """Pickles to a call of os.system: loading it with weights_only=False would run it."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (os.system, (f"touch {self.marker}",))

@@ -14,6 +14,7 @@ from typing import Any, Dict, List
 
 import pytest
 import torch
+from helpers import Evil
 
 import smallgpt
 from smallgpt.checkpoint import Checkpoint, load_model
@@ -162,16 +163,6 @@ def test_tokenizer_hugging_face_would_read_differently_is_refused(
     assert not (tmp_path / "hf").exists() and leftovers(tmp_path) == []
 
 
-class _Evil:
-    """Pickles to a call of os.system: loading it with weights_only=False would run it."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):  # type: ignore[no-untyped-def]
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_hugging_face_weights_that_need_code_are_refused(
         tmp_path: Path, small_tok: Tokenizer, capsys: pytest.CaptureFixture) -> None:
     """A Hugging Face folder whose ``pytorch_model.bin`` pickles a call: never run, and a
@@ -182,7 +173,7 @@ def test_hugging_face_weights_that_need_code_are_refused(
     capsys.readouterr()
     (hf / "model.safetensors").unlink()
     marker = tmp_path / "pwned"
-    torch.save({"transformer.wte.weight": torch.zeros(320, 32), "x": _Evil(marker)},
+    torch.save({"transformer.wte.weight": torch.zeros(320, 32), "x": Evil(marker)},
                hf / "pytorch_model.bin")
     assert main([str(hf), "--huggingface", str(tmp_path / "out")]) == 2
     assert_one_line_error(capsys.readouterr().err, "cannot load the Hugging Face model")

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from helpers import Evil
 
 import smallgpt
 from smallgpt import Tokenizer
@@ -266,21 +267,11 @@ def test_empty_prompt_needs_a_bos_token(tmp_path: Path) -> None:
     assert ok.returncode == 0 and ok.stdout.startswith("Hi")
 
 
-class _Evil:
-    """Pickles to a call of os.system: loading it with weights_only=False would run it."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):  # type: ignore[no-untyped-def]
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_checkpoints_that_need_code_are_refused(tmp_path: Path, tokenizer: Tokenizer) -> None:
     marker = tmp_path / "pwned"
     model = _save_run(tmp_path / "run", tokenizer)
     evil = {"model": model.state_dict(), "model_config": model.config.to_dict(),
-            "tokenizer": tokenizer.to_json_str(), "x": _Evil(marker)}
+            "tokenizer": tokenizer.to_json_str(), "x": Evil(marker)}
     torch.save(evil, tmp_path / "run" / "ckpt_latest.pt")
     proc = run_cli("--checkpoint", str(tmp_path / "run"), "--prompt", "a")
     assert_one_line_error(proc, "weights_only")

@@ -295,6 +295,7 @@ class ShardDataset:
         self._rng = np.random.default_rng(seed)
         self._cursor = 0  # global window index of the next sequential batch
         self.epoch = 0
+        self._eval_counts: Dict[int, int] = {}  # max_tokens -> eval_token_count
 
     @property
     def num_tokens(self) -> int:
@@ -412,7 +413,10 @@ class ShardDataset:
 
     def eval_token_count(self, max_tokens: int = 0) -> int:
         """Number of predicted tokens in a full :meth:`iter_eval` pass over all ranks."""
-        return sum(length for _, _, length in self.eval_windows(max_tokens))
+        # The trainer asks at every step until an evaluation is timed: count each budget once.
+        if max_tokens not in self._eval_counts:
+            self._eval_counts[max_tokens] = sum(n for _, _, n in self.eval_windows(max_tokens))
+        return self._eval_counts[max_tokens]
 
     def state_dict(self) -> Dict[str, Any]:
         """Cursor, epoch and RNG state (between optimizer steps), enough to resume exactly."""

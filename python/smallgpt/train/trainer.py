@@ -363,7 +363,7 @@ class Trainer:
         if want / rate > 0.5 * cfg.max_time:
             fit = int(rate * 0.25 * cfg.max_time)
             compared = cfg.data.eval_tokens > 0 or cfg.eval_interval > 0
-            floor = self.data.val.eval_token_count(cfg.data.eval_tokens) if compared else 1
+            floor = self.data.val.eval_token_count(cfg.data.eval_tokens) if compared else 0
             self.final_eval_tokens = min(want, max(fit, floor, 1))
         self.eval_reserve = 1.2 * self.final_eval_tokens / rate + self.save_s + 0.2
 
