@@ -33,8 +33,14 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from smallgpt._io import atomic_write_text
-from smallgpt.model import GPT, GPTConfig
+from smallgpt._io import (
+    atomic_write,
+    atomic_write_text,
+    remove_stale_temporaries,
+    temporary_path,
+    write_error,
+)
+from smallgpt.model import GPT, GPTConfig, check_weight_shapes
 
 if TYPE_CHECKING:
     from smallgpt.tokenizer import Tokenizer
@@ -44,8 +50,10 @@ __all__ = [
     "CheckpointError",
     "LoadedModel",
     "RunFolder",
+    "RunInUseError",
     "load_model",
     "is_huggingface_folder",
+    "nonfinite_tensors",
 ]
 
 FORMAT = "smallgpt-checkpoint"
@@ -55,6 +63,10 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 class CheckpointError(ValueError):
     """A file or folder is not a usable checkpoint (the message names it and says why)."""
+
+
+class RunInUseError(CheckpointError):
+    """Another process is training in the run folder (the message names its PID)."""
 
 
 def _first_line(e: BaseException) -> str:
@@ -94,16 +106,14 @@ class Checkpoint:
         }
 
     def save(self, path: PathLike) -> Path:
-        """Write atomically: a temporary file in the same folder, then a rename."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            torch.save(self.to_dict(), tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return path
+        """Write atomically: a temporary file in the same folder, then a rename.
+
+        Raises:
+            WriteError: the file could not be written (a full disk says "no space left on
+                device"); an existing file at ``path`` is left as it was.
+        """
+        obj = self.to_dict()
+        return atomic_write(path, lambda f: torch.save(obj, f))
 
     @classmethod
     def load(cls, path: PathLike, map_location: Any = "cpu") -> Checkpoint:
@@ -167,16 +177,41 @@ class Checkpoint:
             version=version,
         )
 
-    def build_model(self) -> GPT:
-        """A :class:`GPT` with this checkpoint's weights, in eval mode, on the CPU."""
+    def build_model(self, source: str = "checkpoint") -> GPT:
+        """A :class:`GPT` with this checkpoint's weights, in eval mode, on the CPU.
+
+        Raises:
+            CheckpointError: the weights do not match the config (checked on their shapes
+                before the model is built, so a config declaring a huge model over small
+                weights allocates nothing), or some are NaN/infinite (a diverged run).
+        """
+        self.validate_weights(source)
         model = GPT(self.model_config)
         try:
             model.load_state_dict(self.model, strict=True)
         except RuntimeError as e:
-            raise CheckpointError(f"weights do not match the model config: {_first_line(e)}") \
-                from None
+            raise CheckpointError(f"{source}: weights do not match the model config: "
+                                  f"{_first_line(e)}") from None
         model.eval()
         return model
+
+    def validate_weights(self, source: str = "checkpoint") -> None:
+        """Check, without building the model, that the weights fit ``model_config`` (shapes)
+        and are finite.
+
+        Raises:
+            CheckpointError: naming ``source`` and the first offending tensor.
+        """
+        try:
+            check_weight_shapes(self.model_config,
+                                {k: tuple(v.shape) for k, v in self.model.items()}, source)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+        bad = nonfinite_tensors(self.model)
+        if bad:
+            raise CheckpointError(f"{source}: weights are not finite ({bad[0]}"
+                                  f"{' and more' if len(bad) > 1 else ''}): the run diverged "
+                                  "before this checkpoint; use an earlier one")
 
     def build_tokenizer(self, source: str = "checkpoint") -> Optional[Tokenizer]:
         """The tokenizer saved in the checkpoint, or None."""
@@ -188,6 +223,12 @@ class Checkpoint:
             return Tokenizer.from_json_str(self.tokenizer, source=f"{source}[tokenizer]")
         except ValueError as e:
             raise CheckpointError(f"{source}: bad tokenizer: {_first_line(e)}") from None
+
+
+def nonfinite_tensors(state: Dict[str, torch.Tensor]) -> List[str]:
+    """Names of the floating-point tensors in ``state`` that hold NaN or infinity."""
+    return [k for k, v in state.items()
+            if v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 def _strip_wrapper_prefixes(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -220,6 +261,7 @@ class RunFolder:
         self.metrics = self.path / "metrics.jsonl"
         self.tokenizer = self.path / "tokenizer.json"
         self.plot = self.path / "loss_curve.png"
+        self._lock_fd: Optional[int] = None
 
     def numbered(self) -> List[Tuple[int, Path]]:
         """``(step, path)`` of the numbered checkpoints, oldest first."""
@@ -259,11 +301,14 @@ class RunFolder:
     def prepare_new_run(self, overwrite: bool) -> None:
         """Make the folder ready for a fresh run; refuse to reuse one that holds another run.
 
+        Takes the folder's lock (:meth:`lock`) before anything in it changes.
+
         Raises:
             CheckpointError: the folder holds a run and ``overwrite`` is false; the path is a
                 file; the folder cannot be created or written.
+            RunInUseError: another process trains in the folder.
         """
-        old = self.check_new_run(overwrite)
+        self.check_new_run(overwrite)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             probe = self.path / f".smallgpt-write-test-{os.getpid()}"
@@ -272,10 +317,76 @@ class RunFolder:
         except OSError as e:
             raise CheckpointError(f"cannot write to --out {self.path}: "
                                   f"{e.strerror or _first_line(e)}") from None
+        self.lock()
+        old = self.check_new_run(overwrite)  # again: the folder may have changed meanwhile
+        remove_stale_temporaries(self.path)
         for p in old:
             p.unlink(missing_ok=True)
         if old:
             shutil.rmtree(self.path / "tensorboard", ignore_errors=True)
+
+    LOCK = ".smallgpt-train.lock"
+
+    def lock(self) -> None:
+        """Hold the folder's lock until :meth:`unlock` or the end of this process.
+
+        An OS file lock (``flock``) on ``.smallgpt-train.lock``, which also records the
+        holder's PID: the kernel releases it when the process ends, however it ends, so a
+        killed run never leaves a stale lock. Taking it again in the same process is a no-op.
+        Where the file system cannot lock (some network file systems), runs go unlocked.
+
+        Raises:
+            RunInUseError: another process holds it (the message names its PID).
+        """
+        if self._lock_fd is not None:
+            return
+        try:
+            import fcntl
+        except ImportError:  # Windows: no flock
+            return
+        path = self.path / self.LOCK
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise RunInUseError(
+                f"{self.path} is in use: another smallgpt-train (PID {holder}) is training in "
+                "it; wait for it to finish or stop it, or choose another --out") from None
+        except OSError:
+            os.close(fd)
+            return
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        """Release :meth:`lock` (the file stays: removing it could race with a new holder)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def tidy_for_resume(self, step: int) -> None:
+        """Undo what a killed process left after its last checkpoint at ``step``: its
+        temporary files, and the ``metrics.jsonl`` records of the steps after ``step`` (they
+        will be logged again) or cut off mid-line. The metrics file is rewritten atomically."""
+        remove_stale_temporaries(self.path)
+        if not self.metrics.is_file():
+            return
+        kept, dropped = [], 0
+        for line in self.metrics.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+                ok = isinstance(rec, dict) and int(rec.get("step", 0)) <= step
+            except (json.JSONDecodeError, TypeError, ValueError):
+                ok = False
+            if ok:
+                kept.append(line + "\n")
+            else:
+                dropped += 1
+        if dropped:
+            atomic_write_text(self.metrics, "".join(kept))
 
     def load_latest(self) -> Checkpoint:
         """The checkpoint ``--resume`` continues from."""
@@ -319,12 +430,16 @@ class RunFolder:
 
 def _atomic_link(src: Path, dst: Path) -> None:
     """Make ``dst`` a copy of ``src`` atomically (a hard link where the file system allows)."""
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    tmp = temporary_path(dst)
     tmp.unlink(missing_ok=True)
     try:
         os.link(src, tmp)
     except OSError:
-        shutil.copyfile(src, tmp)
+        try:
+            shutil.copyfile(src, tmp)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise write_error(dst, e, dst.parent) from None
     os.replace(tmp, dst)
 
 
@@ -372,7 +487,8 @@ def load_model(path: PathLike, gpt2_vocab: Optional[PathLike] = None) -> LoadedM
     if is_huggingface_folder(p):
         try:
             model = GPT.from_huggingface(p)
-        except (ValueError, OSError, RuntimeError, KeyError, pickle.UnpicklingError) as e:
+        except (ValueError, OSError, RuntimeError, KeyError, TypeError, AttributeError,
+                pickle.UnpicklingError) as e:
             raise CheckpointError(f"{p}: cannot load the Hugging Face model: {_first_line(e)}") \
                 from None
         tok = _huggingface_tokenizer(p, gpt2_vocab)
@@ -380,7 +496,7 @@ def load_model(path: PathLike, gpt2_vocab: Optional[PathLike] = None) -> LoadedM
         return LoadedModel(model, tok, p)
     file = RunFolder(p).checkpoint_for_use() if p.is_dir() else p
     ckpt = Checkpoint.load(file)
-    model = ckpt.build_model()
+    model = ckpt.build_model(str(file))
     tok = ckpt.build_tokenizer(str(file))
     if tok is None and (file.parent / "tokenizer.json").is_file():
         tok = _load_tokenizer_file(file.parent / "tokenizer.json")

@@ -373,20 +373,34 @@ def _tokenize(
         raise CorpusError(f"vocabulary of {tok.vocab_size} ids does not fit in uint{bits}")
 
     out.mkdir(parents=True, exist_ok=True)
-    # Old outputs go only once the new run is sure to start; new shards appear as *.tmp and are
-    # renamed at the very end, so an interrupted run never leaves a shard that looks complete.
+    # Old outputs go only once the new run is sure to start. meta.json first says that the
+    # folder is being written, and only at the very end that it is complete: shards appear as
+    # *.tmp and are renamed at the end, but a kill (or a full disk) between those renames and
+    # the final meta.json must not leave a folder that a loader takes for finished (or for a
+    # plain llm.c folder, which has no meta.json).
+    _write_json(out / "meta.json", {"format": META_FORMAT, "version": META_VERSION,
+                                    "complete": False, "writer": "smallgpt-tokenize"})
     for p in existing:
-        p.unlink()
-    # The tokenizer's JSON (tens of milliseconds for a large vocabulary) is built on a thread
-    # while Rust encodes with the GIL released; it is written after the shards, as before.
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        tok_json = pool.submit(tok.to_json_str)
-        stats = _run(tok, eot, sources, out, val_fraction, shard_tokens, bits, errors,
-                     progress, workers)
-        tok_text = tok_json.result()
+        if p.name != "meta.json":
+            p.unlink()
+    (out / "tokenizer.json").unlink(missing_ok=True)
+    try:
+        # The tokenizer's JSON (tens of milliseconds for a large vocabulary) is built on a
+        # thread while Rust encodes with the GIL released; it is written after the shards.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            tok_json = pool.submit(tok.to_json_str)
+            stats = _run(tok, eot, sources, out, val_fraction, shard_tokens, bits, errors,
+                         progress, workers)
+            tok_text = tok_json.result()
+    except BaseException:
+        # Nothing of this run is left (the Rust side removed its *.tmp shards): neither is its
+        # marker, so the folder can be written again without --overwrite.
+        (out / "meta.json").unlink(missing_ok=True)
+        raise
     meta: dict[str, Any] = {
         "format": META_FORMAT,
         "version": META_VERSION,
+        "complete": True,
         "tokenizer": "tokenizer.json",
         "vocab_size": tok.vocab_size,
         "eot_id": eot,

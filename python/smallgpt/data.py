@@ -20,9 +20,11 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
+
+from smallgpt._io import atomic_write_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -36,6 +38,8 @@ __all__ = [
     "read_shard",
     "write_meta",
     "load_meta",
+    "data_identity",
+    "identity_differences",
     "split_files",
     "ShardDataset",
     "accumulation_steps",
@@ -54,21 +58,6 @@ _FORMATS = {
 }
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-
-def _atomic_write_bytes(path: Path, chunks: Sequence[bytes | memoryview]) -> None:
-    """Write ``chunks`` to ``path`` via ``path.tmp`` + rename so readers never see half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def write_shard(path: PathLike, tokens: Any, dtype: Optional[str] = None) -> Path:
@@ -108,7 +97,7 @@ def write_shard(path: PathLike, tokens: Any, dtype: Optional[str] = None) -> Pat
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[0], header[1], header[2] = magic, version, arr.size
     body = np.ascontiguousarray(arr.astype(np_dtype, copy=False))
-    _atomic_write_bytes(path, [header.tobytes(), memoryview(body).cast("B")])
+    atomic_write_bytes(path, [header.tobytes(), memoryview(body).cast("B")])
     return path
 
 
@@ -157,7 +146,7 @@ def read_shard(path: PathLike) -> np.ndarray:
 def write_meta(data_dir: PathLike, meta: Dict[str, Any]) -> Path:
     """Write ``meta.json`` atomically into ``data_dir``."""
     path = Path(data_dir) / "meta.json"
-    _atomic_write_bytes(path, [(json.dumps(meta, indent=2) + "\n").encode("utf-8")])
+    atomic_write_bytes(path, [(json.dumps(meta, indent=2) + "\n").encode("utf-8")])
     return path
 
 
@@ -166,10 +155,13 @@ def load_meta(data_dir: PathLike) -> Dict[str, Any]:
 
     A folder without ``meta.json`` (e.g. plain llm.c FineWeb shards) is accepted: the meta is
     reconstructed from the ``*_NNNNNN.bin`` file names, with unknown ``bytes``/``vocab_size``.
+    ``smallgpt-tokenize`` writes ``meta.json`` first with ``"complete": false`` and last in
+    full, so a folder it did not finish is told apart from such a folder, and refused.
 
     Raises:
         FileNotFoundError: if the folder does not exist or holds no shards.
-        ValueError: if ``meta.json`` is not valid JSON or lacks ``splits``.
+        ValueError: if ``meta.json`` is not valid JSON, lacks ``splits``, or marks a folder
+            that ``smallgpt-tokenize`` did not finish.
     """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
@@ -180,6 +172,11 @@ def load_meta(data_dir: PathLike) -> Dict[str, Any]:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{meta_path}: invalid JSON ({e})") from None
+        if isinstance(meta, dict) and meta.get("complete") is False:
+            raise ValueError(
+                f"{data_dir} was left unfinished by an interrupted smallgpt-tokenize (its "
+                "meta.json says the folder is still being written); run smallgpt-tokenize "
+                "again with --overwrite")
         if not isinstance(meta, dict) or not isinstance(meta.get("splits"), dict):
             raise ValueError(f"{meta_path}: missing 'splits' object")
         return meta
@@ -191,6 +188,49 @@ def load_meta(data_dir: PathLike) -> Dict[str, Any]:
     if not splits:
         raise FileNotFoundError(f"data folder {data_dir} has no meta.json and no *.bin shards")
     return {"format": "smallgpt-shards", "version": 1, "splits": splits}
+
+
+def data_identity(data_dir: PathLike, meta: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """What identifies a shard folder's contents, cheaply: the tokenizer file's SHA-256, and
+    each shard's size and a SHA-256 of its header and of its first and last 64 KiB.
+
+    A checkpoint records it, so that a resume can tell whether the folder was re-tokenized
+    (another tokenizer with the same vocabulary size, other text) since the run started.
+    Reads at most 128 KiB per shard, whatever its size.
+    """
+    data_dir = Path(data_dir)
+    meta = meta if meta is not None else load_meta(data_dir)
+    ident: Dict[str, Any] = {"tokenizer": None, "shards": {}}
+    tok = data_dir / str(meta.get("tokenizer", "tokenizer.json"))
+    if tok.is_file():
+        ident["tokenizer"] = hashlib.sha256(tok.read_bytes()).hexdigest()
+    for split in ("train", "val"):
+        info = meta["splits"].get(split) or {}
+        for name in info.get("shards", []):
+            path = data_dir / name
+            h = hashlib.sha256()
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                h.update(f.read(1 << 16))
+                if size > 1 << 17:
+                    f.seek(size - (1 << 16))
+                    h.update(f.read(1 << 16))
+            ident["shards"][name] = [size, h.hexdigest()]
+    return ident
+
+
+def identity_differences(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
+    """What differs between two :func:`data_identity` results, in words (empty: the same)."""
+    out = []
+    if old.get("tokenizer") != new.get("tokenizer"):
+        out.append("the tokenizer differs")
+    a, b = old.get("shards", {}), new.get("shards", {})
+    changed = sorted(n for n in set(a) & set(b) if list(a[n]) != list(b[n]))
+    gone, added = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+    for what, names in (("changed", changed), ("missing", gone), ("new", added)):
+        if names:
+            out.append(f"{what}: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}")
+    return out
 
 
 def split_files(

@@ -142,7 +142,8 @@ def read_hellaswag(path: Union[str, os.PathLike[str]],
         raise EvalDataError(f"{p}: no such file" if not p.exists() else f"{p} is not a file")
     examples: List[MultipleChoiceExample] = []
     try:
-        with open(p, encoding="utf-8") as f:
+        # utf-8-sig: a leading byte-order mark is skipped, as smallgpt-tokenize does.
+        with open(p, encoding="utf-8-sig") as f:
             for number, line in enumerate(f, 1):
                 if not line.strip():
                     continue

@@ -455,22 +455,94 @@ _HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
                   "mlp.c_proj.weight")
 
 
-def _load_huggingface_weights(model: GPT, folder: Path) -> None:
-    """Copy a Hugging Face GPT-2 folder's tensors into ``model`` (Conv1D -> Linear)."""
+def check_weight_shapes(config: GPTConfig, shapes: dict[str, tuple[int, ...]],
+                        source: str) -> None:
+    """Compare a config with the shapes of the weights meant for it, before anything is built.
+
+    ``shapes`` maps smallgpt parameter names (``transformer.wte.weight``, ...) to shapes, as
+    read from a file's header. A file whose config declares a model far larger than its
+    weights (``n_layer = 10**9`` over two layers) would otherwise allocate that model first.
+
+    Raises:
+        ValueError: the embedding, the position table or the number of blocks disagree with
+            the config (the message names ``source``).
+    """
+    def expect(name: str, want: tuple[int, ...]) -> None:
+        got = shapes.get(name)
+        if got is None:
+            raise ValueError(f"{source}: no tensor {name!r}")
+        if tuple(got) != want:
+            raise ValueError(f"{source}: {name} has shape {tuple(got)} but the config declares "
+                             f"{want}")
+
+    c = config
+    expect("transformer.wte.weight", (c.vocab_size, c.n_embd))
+    if c.position == "learned":
+        expect("transformer.wpe.weight", (c.block_size, c.n_embd))
+    blocks = {int(k.split(".")[2]) for k in shapes
+              if k.startswith("transformer.h.") and k.split(".")[2].isdigit()}
+    if len(blocks) != c.n_layer or (blocks and max(blocks) != c.n_layer - 1):
+        raise ValueError(f"{source}: the config declares n_layer = {c.n_layer} but the weights "
+                         f"hold {len(blocks)} block(s)")
+    expect("transformer.h.0.attn.c_attn.weight", (3 * c.n_embd, c.n_embd))
+
+
+def _hf_name(key: str) -> str:
+    return key if key.startswith(("transformer.", "lm_head.")) else f"transformer.{key}"
+
+
+def _read_huggingface_weights(folder: Path) -> tuple[Path, Any]:
+    """The weight file and a lazy view of it (``safe_open`` handle or a memory-mapped state
+    dict): shapes can be checked before anything large is read."""
     st_path = folder / "model.safetensors"
     bin_path = folder / "pytorch_model.bin"
     if st_path.is_file():
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
-        sd = load_file(str(st_path))
-    elif bin_path.is_file():
-        sd = torch.load(str(bin_path), map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {folder}")
+        try:
+            return st_path, safe_open(str(st_path), framework="pt")
+        except Exception as e:  # SafetensorError: truncated file, absurd header, ...
+            raise ValueError(f"{st_path}: not a readable safetensors file "
+                             f"({str(e).strip().splitlines()[0] if str(e).strip() else e!r})") \
+                from None
+    if bin_path.is_file():
+        try:
+            return bin_path, torch.load(str(bin_path), map_location="cpu", weights_only=True,
+                                        mmap=True)
+        except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
+            return bin_path, torch.load(str(bin_path), map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {folder}")
+
+
+def _huggingface_shapes(view: Any) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes in smallgpt's names and layout (Conv1D weights transposed)."""
+    shapes = {}
+    for k in view.keys():
+        if isinstance(view, dict):
+            if not isinstance(view[k], torch.Tensor):
+                continue
+            shape = tuple(view[k].shape)
+        else:
+            shape = tuple(view.get_slice(k).get_shape())
+        name = _hf_name(k)
+        shapes[name] = shape[::-1] if name.endswith(_HF_TRANSPOSED) else shape
+    return shapes
+
+
+def _load_huggingface_weights(model: GPT, path: Path, view: Any) -> None:
+    """Copy a Hugging Face GPT-2 folder's tensors into ``model`` (Conv1D -> Linear)."""
+    folder = path.parent
     ours = model.state_dict()
     loaded: set[str] = set()
-    for key, tensor in sd.items():
-        name = key if key.startswith(("transformer.", "lm_head.")) else f"transformer.{key}"
+    keys = list(view.keys())
+    for key in keys:
+        try:
+            tensor = view[key] if isinstance(view, dict) else view.get_tensor(key)
+        except Exception as e:  # SafetensorError: the data ends early
+            raise ValueError(f"{path}: cannot read tensor {key!r} ({e})") from None
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{path}: {key!r} is not a tensor")
+        name = _hf_name(key)
         if name.endswith((".attn.bias", ".attn.masked_bias")):
             continue  # causal-mask buffers of old checkpoints
         if name not in ours:
@@ -491,6 +563,60 @@ def _load_huggingface_weights(model: GPT, folder: Path) -> None:
     missing = sorted(expected - loaded)
     if missing:
         raise ValueError(f"checkpoint in {folder} lacks tensors: {missing[:5]}")
+
+
+def _hf_field(hf: dict[str, Any], keys: tuple[str, ...], default: Any, kind: type,
+              source: Path) -> Any:
+    """One field of a Hugging Face ``config.json``, type-checked (the first of ``keys`` set)."""
+    for key in keys:
+        if key in hf:
+            value = hf[key]
+            break
+    else:
+        return default
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)) if kind is float \
+        else isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if not ok:
+        raise ValueError(f"{source}: {key} must be {'a number' if kind is float else kind.__name__}"
+                         f", got {json.dumps(value)}")
+    return value
+
+
+def _config_from_huggingface(cfg_path: Path) -> GPTConfig:
+    """The :class:`GPTConfig` of a Hugging Face GPT-2 ``config.json``; ``ValueError`` naming
+    the file for anything malformed."""
+    try:
+        hf = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{cfg_path}: not a JSON object")
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise ValueError(f"not a GPT-2 checkpoint (model_type={hf.get('model_type')!r})")
+    if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
+        raise ValueError("GPT-2 attention variants (scale_attn_by_inverse_layer_idx, "
+                         "reorder_and_upcast_attn) are not supported")
+    if hf.get("scale_attn_weights", True) is not True:
+        raise ValueError("scale_attn_weights=False is not supported")
+    act = hf.get("activation_function", "gelu_new")
+    if not isinstance(act, str) or act not in _HF_TO_ACT:
+        raise ValueError(f"unsupported activation_function {act!r}")
+    try:
+        return GPTConfig(
+            vocab_size=_hf_field(hf, ("vocab_size",), 50257, int, cfg_path),
+            block_size=_hf_field(hf, ("n_positions", "n_ctx"), 1024, int, cfg_path),
+            n_layer=_hf_field(hf, ("n_layer",), 12, int, cfg_path),
+            n_head=_hf_field(hf, ("n_head",), 12, int, cfg_path),
+            n_embd=_hf_field(hf, ("n_embd",), 768, int, cfg_path),
+            dropout=0.0,
+            bias=True,
+            activation=_HF_TO_ACT[act],
+            tie_embeddings=bool(_hf_field(hf, ("tie_word_embeddings",), True, bool, cfg_path)),
+            position="learned",
+            layer_norm_eps=float(_hf_field(hf, ("layer_norm_epsilon",), 1e-5, float, cfg_path)),
+        )
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{cfg_path}: {e}") from None
 
 
 class GPT(nn.Module):
@@ -737,33 +863,11 @@ class GPT(nn.Module):
         cfg_path = folder / "config.json"
         if not cfg_path.is_file():
             raise FileNotFoundError(f"no config.json in {folder}")
-        hf = json.loads(cfg_path.read_text(encoding="utf-8"))
-        if hf.get("model_type", "gpt2") != "gpt2":
-            raise ValueError(f"not a GPT-2 checkpoint (model_type={hf.get('model_type')!r})")
-        if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
-            raise ValueError("GPT-2 attention variants (scale_attn_by_inverse_layer_idx, "
-                             "reorder_and_upcast_attn) are not supported")
-        if hf.get("scale_attn_weights", True) is not True:
-            raise ValueError("scale_attn_weights=False is not supported")
-        act = hf.get("activation_function", "gelu_new")
-        if act not in _HF_TO_ACT:
-            raise ValueError(f"unsupported activation_function {act!r}")
-        config = GPTConfig(
-            vocab_size=int(hf.get("vocab_size", 50257)),
-            block_size=int(hf.get("n_positions", hf.get("n_ctx", 1024))),
-            n_layer=int(hf.get("n_layer", 12)),
-            n_head=int(hf.get("n_head", 12)),
-            n_embd=int(hf.get("n_embd", 768)),
-            dropout=0.0,
-            bias=True,
-            activation=_HF_TO_ACT[act],
-            tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
-            position="learned",
-            layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
-        )
-
+        config = _config_from_huggingface(cfg_path)
+        weights, view = _read_huggingface_weights(folder)
+        check_weight_shapes(config, _huggingface_shapes(view), str(weights))
         model = cls(config)
-        _load_huggingface_weights(model, folder)
+        _load_huggingface_weights(model, weights, view)
         model.eval()
         if device is not None:
             model.to(device)

@@ -97,16 +97,19 @@ pub struct CorpusStats {
     pub val: SplitStats,
 }
 
-/// A file's contents, borrowed from a memory map when valid UTF-8.
+/// A file's contents, read into memory.
+///
+/// Files are read, not memory-mapped: a mapped file that another process truncates while it
+/// is read kills the process with SIGBUS, and one rewritten in place would change text that
+/// was already checked to be UTF-8. Reading costs one copy (a few percent of the encoding
+/// time) and memory for the file being read.
 pub(crate) struct FileText {
-    // Declared before the map so it is dropped first.
-    pub(crate) text: Cow<'static, str>,
-    _map: Option<memmap2::Mmap>,
+    pub(crate) text: String,
 }
 
 pub(crate) fn open_text(path: &Path, errors: Utf8Errors) -> Result<FileText> {
     // Checked before opening: opening a FIFO waits for a writer, and a directory or a
-    // device fails to map with a message that does not say why.
+    // device does not read as a file.
     let kind = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if !kind.is_file() {
         let what = if kind.is_dir() {
@@ -119,35 +122,20 @@ pub(crate) fn open_text(path: &Path, errors: Utf8Errors) -> Result<FileText> {
             message: format!("{what}; only regular files are read"),
         });
     }
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-    if len == 0 {
-        return Ok(FileText {
-            text: Cow::Borrowed(""),
-            _map: None,
-        });
-    }
-    // SAFETY: read-only map, kept alive alongside the borrowed text in `FileText`.
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-    // SAFETY: the slice lives as long as `map`, which `FileText` owns and drops after `text`
-    // is no longer used (the 'static is confined to this struct).
-    let bytes: &'static [u8] = unsafe { std::slice::from_raw_parts(map.as_ptr(), map.len()) };
-    let text = match std::str::from_utf8(bytes) {
-        Ok(s) => Cow::Borrowed(s),
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let text = match String::from_utf8(bytes) {
+        Ok(s) => s,
         Err(e) => match errors {
             Utf8Errors::Strict => {
                 return Err(Error::InvalidUtf8 {
                     path: path.to_path_buf(),
-                    offset: e.valid_up_to(),
+                    offset: e.utf8_error().valid_up_to(),
                 })
             }
-            Utf8Errors::Replace => Cow::Owned(String::from_utf8_lossy(bytes).into_owned()),
+            Utf8Errors::Replace => String::from_utf8_lossy(e.as_bytes()).into_owned(),
         },
     };
-    Ok(FileText {
-        text,
-        _map: Some(map),
-    })
+    Ok(FileText { text })
 }
 
 /// Calls `f` with each non-empty document of `source`, in order.
@@ -281,7 +269,12 @@ fn replace_lone_surrogates(line: &str) -> Cow<'_, str> {
 
 /// Number of non-empty documents in all sources (the first pass, to place the val split).
 pub fn count_documents(sources: &[Source], errors: Utf8Errors) -> Result<u64> {
-    let mut n = 0u64;
+    Ok(documents_per_source(sources, errors)?.iter().sum())
+}
+
+/// Number of non-empty documents in each source.
+fn documents_per_source(sources: &[Source], errors: Utf8Errors) -> Result<Vec<u64>> {
+    let mut counts = Vec::with_capacity(sources.len());
     for s in sources {
         if let SourceKind::Text { separator: None } = s.kind {
             // One document if non-empty: no need to read it (its UTF-8 is checked when it
@@ -289,15 +282,28 @@ pub fn count_documents(sources: &[Source], errors: Utf8Errors) -> Result<u64> {
             let len = std::fs::metadata(&s.path)
                 .map_err(|e| Error::io(&s.path, e))?
                 .len();
-            n += u64::from(len > 0);
+            counts.push(u64::from(len > 0));
             continue;
         }
+        let mut n = 0u64;
         for_each_document(s, errors, |_| {
             n += 1;
             Ok(())
         })?;
+        counts.push(n);
     }
-    Ok(n)
+    Ok(counts)
+}
+
+/// The error for a source whose document count differs between the two passes.
+fn changed_while_read(path: &Path, before: u64, now: u64) -> Error {
+    Error::Io {
+        path: path.to_path_buf(),
+        message: format!(
+            "changed while it was being read ({before} document(s) when counted, {now} when \
+             encoded); run again once it no longer changes"
+        ),
+    }
 }
 
 /// A unit of encoding work: part of a document, owned so a batch can outlive its file.
@@ -445,7 +451,8 @@ pub fn tokenize_corpus(
     if !(0.0..1.0).contains(&opts.val_fraction) {
         return Err(Error::Value("val_fraction must be in [0, 1)".into()));
     }
-    let n_docs = count_documents(sources, opts.errors)?;
+    let per_source = documents_per_source(sources, opts.errors)?;
+    let n_docs: u64 = per_source.iter().sum();
     if n_docs == 0 {
         return Err(Error::Value(
             "the corpus holds no (non-empty) document".into(),
@@ -562,8 +569,12 @@ pub fn tokenize_corpus(
                 }
                 Ok(())
             };
-            for source in sources {
+            for (source, &counted) in sources.iter().zip(&per_source) {
+                let first = doc_index;
                 for_each_document(source, opts.errors, |doc| {
+                    if doc_index - first >= counted {
+                        return Err(changed_while_read(&source.path, counted, counted + 1));
+                    }
                     if split_single {
                         // nanoGPT's split: train = the first int(n * (1 - f)) characters.
                         let chars = doc.chars().count();
@@ -579,6 +590,9 @@ pub fn tokenize_corpus(
                     doc_index += 1;
                     Ok(())
                 })?;
+                if doc_index - first != counted {
+                    return Err(changed_while_read(&source.path, counted, doc_index - first));
+                }
             }
             if !batch.is_empty() {
                 send(&mut batch)?;

@@ -142,15 +142,15 @@ pub fn count_texts<S: AsRef<str> + Sync>(
         .try_reduce(PieceCounts::default, |a, b| Ok(merge_counts(a, b)))
 }
 
-/// Reads a whole file as text (memory-mapped), each file being one document.
+/// Reads a whole file as text, each file being one document.
 pub fn read_text(path: &Path, errors: Utf8Errors) -> Result<String> {
     let file = crate::corpus::open_text(path, errors)?;
-    Ok(file.text.to_string())
+    Ok(file.text)
 }
 
 /// Counts the pieces of files, each file being one document, reading and splitting in Rust.
 ///
-/// Files are memory-mapped one at a time and their chunks counted in parallel into one map
+/// Files are read one at a time and their chunks counted in parallel into one map
 /// per thread that lives across files, so the maps are merged once at the end instead of
 /// once per file.
 pub fn count_files(

@@ -15,7 +15,8 @@ gives ``ckpt_best.pt`` (else ``ckpt_latest.pt``); name a checkpoint file to choo
 Only GPT-2-shaped models can be exported (learned positions, biases, a GPT-2 activation and
 no option GPT-2 lacks); others are refused with the option named. The folder appears whole or
 not at all: it is written into a temporary folder next to ``OUT`` and renamed. A non-empty
-``OUT`` is refused unless ``--overwrite``.
+``OUT`` is refused unless ``--overwrite``, which replaces only a model folder (never one that
+holds the source, a smallgpt run, or other files).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Union
 
+from smallgpt._io import WriteError, remove_stale_temporaries, write_error
 from smallgpt.cli import OneLineParser, fail
 
 if TYPE_CHECKING:
@@ -102,11 +104,41 @@ def _write_tokenizer(tok: Tokenizer, folder: Path, block_size: int) -> List[str]
     return ["tokenizer.json", "tokenizer_config.json"]
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
+#: What a Hugging Face model folder holds: ``--overwrite`` replaces a folder of these only.
+_MODEL_FOLDER_FILES = {
+    "config.json", "model.safetensors", "pytorch_model.bin", "generation_config.json",
+    "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "added_tokens.json", "README.md", ".gitattributes",
+}
+
+
+def _check_out(out: Path, overwrite: bool, source: PathLike) -> None:
+    """Refuse an ``OUT`` that cannot take the export, before anything is read or written.
+
+    ``--overwrite`` replaces a previous export only: never a folder that holds the source
+    (the source itself, or a folder above it, however the paths are spelled), a smallgpt run,
+    or anything a model folder does not hold.
+    """
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    real_out, real_src = out.resolve(), Path(source).resolve()
+    if real_out == real_src or real_out in real_src.parents:
+        raise ExportError(f"{out} holds the model being exported ({source}); choose another "
+                          "folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
         raise ExportError(f"{out} is not empty; choose another folder or pass --overwrite")
+    foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir()
+                     if p.name not in _MODEL_FOLDER_FILES or not p.is_file())
+    if foreign:
+        from smallgpt.checkpoint import RunFolder
+
+        what = "a smallgpt run" if RunFolder(out).run_files() else "files a model folder does " \
+            "not hold"
+        raise ExportError(f"--overwrite replaces only a model folder, but {out} holds {what} "
+                          f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
+                          "choose another folder")
 
 
 def export_huggingface(source: PathLike, out: PathLike, *, overwrite: bool = False,
@@ -122,20 +154,26 @@ def export_huggingface(source: PathLike, out: PathLike, *, overwrite: bool = Fal
     from smallgpt.checkpoint import load_model
 
     out = Path(out)
-    _check_out(out, overwrite)
+    _check_out(out, overwrite, source)
     loaded = load_model(source, gpt2_vocab)
     problems = gpt2_incompatibilities(loaded.model.config)
     if problems:
         raise ExportError(f"{loaded.source}: GPT-2 cannot represent {'; '.join(problems)}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    # Folders a killed export left here are removed; a live export's are not touched.
+    remove_stale_temporaries(out.parent, [out.name, f"{out.name}.old"])
+    tmp = out.parent / f".{out.name}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         names = _write_folder(loaded, tmp)
         _replace_folder(tmp, out)
-    except BaseException:
+    except (ExportError, KeyboardInterrupt, SystemExit):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    except Exception as e:  # OSError, SafetensorError: a full disk, a read-only folder
+        err = write_error(out, e, out.parent)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise err from None
     return names
 
 
@@ -160,7 +198,7 @@ def _replace_folder(tmp: Path, out: Path) -> None:
     if not out.exists():
         os.replace(tmp, out)
         return
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    old = out.parent / f".{out.name}.old.{os.getpid()}.tmp"
     os.replace(out, old)
     try:
         os.replace(tmp, out)
@@ -195,6 +233,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; nothing written", file=sys.stderr)
         return 130
+    except WriteError as e:
+        return fail(PROG, e, 1)
     except OSError as e:
         return fail(PROG, f"cannot write {args.huggingface}: {e.strerror or e}", 1)
     if "vocab.json" not in names and "tokenizer.json" not in names:

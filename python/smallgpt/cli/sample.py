@@ -149,7 +149,14 @@ def _read_prompt(a: argparse.Namespace) -> str:
         except (OSError, UnicodeDecodeError) as e:
             raise _UsageError(f"cannot read prompt file {a.prompt_file}: {e}") from None
     if sys.stdin is not None and not sys.stdin.isatty():
-        return sys.stdin.read()
+        data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
+        if isinstance(data, str):
+            return data
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise _UsageError(f"standard input is not UTF-8 text (invalid byte at offset "
+                              f"{e.start})") from None
     return ""
 
 

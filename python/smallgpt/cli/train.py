@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from typing import TYPE_CHECKING, Dict, List, NoReturn, Optional, Sequence, Tuple
 
@@ -54,6 +55,9 @@ def _parser() -> _Parser:
                      "overrides)")
     run.add_argument("--overwrite", action="store_true",
                      help="start afresh in a --out that holds another run, deleting its files")
+    p.add_argument("--data-changed-ok", action="store_true",
+                   help="with --resume: continue although the data folder's tokenizer or shards "
+                   "are not those the run trained on")
     p.add_argument("--init-from", metavar="PATH",
                    help="start from a pretrained model: a Hugging Face GPT-2 folder, a run "
                    "folder or a checkpoint file (fresh optimizer and schedule)")
@@ -125,6 +129,15 @@ def _to_toml(d: Dict[str, object]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def _norm(value: object) -> object:
+    """A value as typed and as parsed compare equal (``"3"`` and 3, ``"true"`` and True)."""
+    text = str(value).strip().lower()
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def _overrides(args: argparse.Namespace, extra: Sequence[str],
                parser: _Parser) -> Dict[str, object]:
     overrides: Dict[str, object] = dict(_split_dotted(extra, parser))
@@ -142,7 +155,13 @@ def _overrides(args: argparse.Namespace, extra: Sequence[str],
         "wandb": args.wandb, "trackio": args.trackio, "seed": args.seed,
         "init_from": args.init_from,
     }
-    overrides.update({k: v for k, v in flags.items() if v is not None})
+    for key, value in flags.items():
+        if value is None:
+            continue
+        if key in overrides and _norm(overrides[key]) != _norm(value):
+            parser.error(f"{key} is given twice, as {value!r} by its flag and as "
+                         f"{overrides[key]!r} by --set/--{key}; give it once")
+        overrides[key] = value
     return overrides
 
 
@@ -213,7 +232,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         model_keys = [k for k in overrides if k.startswith("model.")]
         if args.eval_only:
             return _eval_only(cfg, resume, model_keys)
-        return _train(cfg, resume, args.overwrite, model_keys)
+        return _train(cfg, resume, args.overwrite, model_keys, args.data_changed_ok)
     except (ConfigError, CheckpointError, HardwareError) as e:
         return _fail(e, 2)
     except KeyboardInterrupt:
@@ -229,19 +248,23 @@ def _fail(e: BaseException, code: int) -> int:
     return code
 
 
-def _train(cfg: TrainConfig, resume: bool, overwrite: bool, model_keys: List[str]) -> int:
+def _train(cfg: TrainConfig, resume: bool, overwrite: bool, model_keys: List[str],
+           data_changed_ok: bool) -> int:
     from smallgpt.train import TrainingDiverged, TrainingError, train
 
     try:
-        summary = train(cfg, resume=resume, overwrite=overwrite, model_overrides=model_keys)
+        summary = train(cfg, resume=resume, overwrite=overwrite, model_overrides=model_keys,
+                        data_changed_ok=data_changed_ok)
     except TrainingDiverged as e:
         return _fail(e, 1)
     except TrainingError as e:
         return _fail(e, 2)
-    if summary["stopped"] == "interrupt":
-        print(f"{PROG}: interrupted at step {summary['step']}; checkpoint saved in "
-              f"{summary['out']} (continue with --resume)", file=sys.stderr)
-        return 130
+    if summary.get("signal") or summary["stopped"] == "interrupt":
+        name = summary.get("signal") or "SIGINT"
+        print(f"{PROG}: {'interrupted' if name == 'SIGINT' else 'stopped by ' + name} at step "
+              f"{summary['step']}; checkpoint saved in {summary['out']} (continue with "
+              "--resume)", file=sys.stderr)
+        return 143 if name == "SIGTERM" else 130
     return 0
 
 
@@ -252,8 +275,13 @@ def _eval_only(cfg: TrainConfig, resume: bool, model_keys: List[str]) -> int:
         result = evaluate_only(cfg, resume=resume, model_overrides=model_keys)
     except TrainingError as e:
         return _fail(e, 2)
-    if result is not None:  # rank 0 only
-        print(json.dumps(result), flush=True)
+    if result is None:  # ranks other than 0
+        return 0
+    bad = [k for k, v in result.items() if isinstance(v, float) and not math.isfinite(v)]
+    # Always valid JSON (NaN is not): a non-finite figure is null, and the exit status says so.
+    print(json.dumps({k: None if k in bad else v for k, v in result.items()}), flush=True)
+    if bad:
+        return _fail(f"the model's {bad[0]} is not finite (a diverged or broken model)", 1)
     return 0
 
 

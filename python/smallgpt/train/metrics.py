@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from smallgpt._io import write_error
+
 __all__ = ["MetricsLogger", "plot_metrics", "warn"]
 
 Record = Dict[str, Any]
@@ -22,6 +24,12 @@ Record = Dict[str, Any]
 def warn(message: str) -> None:
     """One line on stderr, prefixed like every smallgpt-train message."""
     print(f"smallgpt-train: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _json_safe(rec: Record) -> Record:
+    """NaN and infinity are not JSON: they are written as null."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v
+            for k, v in rec.items()}
 
 
 def _scalars(rec: Record) -> Dict[str, float]:
@@ -120,8 +128,11 @@ class MetricsLogger:
         if not self.enabled:
             return
         assert self._file is not None
-        self._file.write(json.dumps(rec) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(_json_safe(rec), allow_nan=False) + "\n")
+            self._file.flush()
+        except OSError as e:
+            raise write_error(self.folder / "metrics.jsonl", e, self.folder) from None
         for sink in list(self.sinks):
             try:
                 sink.write(rec)

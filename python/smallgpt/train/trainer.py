@@ -32,10 +32,18 @@ from smallgpt.checkpoint import (
     LoadedModel,
     RunFolder,
     load_model,
+    nonfinite_tensors,
     write_json,
 )
 from smallgpt.config import TrainConfig, config_to_dict, default_out, validate
-from smallgpt.data import ShardDataset, default_cache_dir, load_meta, prepare_shakespeare
+from smallgpt.data import (
+    ShardDataset,
+    data_identity,
+    default_cache_dir,
+    identity_differences,
+    load_meta,
+    prepare_shakespeare,
+)
 from smallgpt.model import GPT, GPTConfig
 from smallgpt.train.distributed import Dist, init_distributed, no_sync, wrap_model
 from smallgpt.train.hardware import (
@@ -72,6 +80,7 @@ class _Data:
     vocab_size: int
     tokenizer_json: Optional[str]
     val_bytes: Optional[float]
+    identity: Dict[str, Any]
 
 
 class Trainer:
@@ -89,6 +98,11 @@ class Trainer:
             they must agree with the pretrained model (only ``dropout`` may differ).
         eval_only: only evaluate (the ``init_from`` or ``resume`` model): nothing is written
             to the run folder and no optimizer is built.
+        data_changed_ok: resume although the data folder's contents (tokenizer, shards) are
+            not those the run trained on; without it such a resume is refused.
+
+    While it trains, the run folder is locked (rank 0 holds an OS file lock; see
+    :meth:`smallgpt.checkpoint.RunFolder.lock`): a second process gets ``RunInUseError``.
 
     State (attributes): ``step``, ``tokens_seen``, ``best_val_loss``, ``last_eval``, the
     clock (``elapsed``), the final-evaluation reserve, plus ``model``, ``optimizers``,
@@ -101,9 +115,11 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                  on_log: Optional[Callable[[Record], None]] = None,
-                 model_overrides: Iterable[str] = (), eval_only: bool = False) -> None:
+                 model_overrides: Iterable[str] = (), eval_only: bool = False,
+                 data_changed_ok: bool = False) -> None:
         validate(cfg)
         self.eval_only = eval_only
+        self.data_changed_ok = data_changed_ok
         self._t0 = time.perf_counter()
         self.cfg = cfg
         self.model_overrides = {k.split(".", 1)[-1] for k in model_overrides}
@@ -117,6 +133,8 @@ class Trainer:
         try:
             self._setup(resume, overwrite, on_log)
         except BaseException:
+            if hasattr(self, "run"):
+                self.run.unlock()
             self.dist.close()
             raise
 
@@ -140,6 +158,8 @@ class Trainer:
             raise TrainingError(f"data.seq_len ({self.seq_len}) exceeds the model's context "
                                 f"(block_size {block})")
         self.data = self._load_data()
+        if ckpt is not None:
+            self._check_resume(ckpt)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model = self._build_model(ckpt, pretrained)
         self.model_config: GPTConfig = self.model.config
@@ -171,6 +191,8 @@ class Trainer:
         self.tokens_per_step = cfg.data.batch_size * self.seq_len
         self.flops_per_token = self.model.flops_per_token(self.seq_len)
         self.peak = peak_flops(self.device, self.dtype) * self.dist.world_size
+        if ckpt is not None and self.dist.master and not self.eval_only:
+            self.run.tidy_for_resume(ckpt.step)
         self._write_run_files()
         self.metrics = MetricsLogger(
             self.run.path, enabled=self.dist.master and not self.eval_only,
@@ -193,6 +215,8 @@ class Trainer:
 
     def _open_run_folder(self, resume: bool, overwrite: bool) -> Optional[Checkpoint]:
         if resume:
+            if self.dist.master and not self.eval_only and self.run.path.is_dir():
+                self.run.lock()  # before reading: the checkpoint must not change under us
             ckpt = self.run.load_latest()
             if self.eval_only:
                 return ckpt
@@ -242,16 +266,45 @@ class Trainer:
                                d.world_size)
             tok_file = folder / str(meta.get("tokenizer", "tokenizer.json"))
             tok_json = tok_file.read_text(encoding="utf-8") if tok_file.is_file() else None
+            identity = data_identity(folder, meta)
         except (OSError, ValueError) as e:
             raise TrainingError(str(e).splitlines()[0] if str(e) else repr(e)) from None
         vocab = meta.get("vocab_size")
         vocab = int(vocab) if isinstance(vocab, int) else train.max_token() + 1
         val_bytes = meta["splits"].get("val", {}).get("bytes")
-        return _Data(folder, train, val, vocab, tok_json, float(val_bytes) if val_bytes else None)
+        return _Data(folder, train, val, vocab, tok_json, float(val_bytes) if val_bytes else None,
+                     identity)
+
+    def _check_resume(self, ckpt: Checkpoint) -> None:
+        """What a resume may change: settings take effect (the optimizer's hyperparameters and
+        the schedule follow the configuration), but the optimizer, the model's shape and the
+        data are those of the run, or the resume is refused by name."""
+        before = ckpt.train_config or {}
+        old_optim = (before.get("optim") or {}).get("name")
+        if old_optim and old_optim != self.cfg.optim.name and not self.eval_only:
+            raise TrainingError(
+                f"--resume: the run was trained with optim.name = {old_optim!r} and cannot "
+                f"continue with {self.cfg.optim.name!r} (another optimizer's state); start a "
+                f"new run from it with --init-from {self.run.path}")
+        for name in sorted(self.model_overrides - {"dropout"}):
+            want, have = getattr(self.cfg.model, name), getattr(ckpt.model_config, name)
+            if want != have:
+                raise TrainingError(
+                    f"--resume: model.{name} = {want!r} differs from the run's {have!r}; a "
+                    "resumed run keeps its model's shape (only model.dropout may change)")
+        old_ident = ckpt.trainer.get("data_identity")
+        if old_ident and not self.data_changed_ok and not self.eval_only:
+            diff = identity_differences(old_ident, self.data.identity)
+            if diff:
+                raise TrainingError(
+                    f"--resume: the data in {self.data.folder} is not what the run trained on "
+                    f"({'; '.join(diff)}); if that is meant, resume with --data-changed-ok")
 
     def _build_model(self, ckpt: Optional[Checkpoint], pretrained: Optional[LoadedModel]) -> GPT:
         if ckpt is not None:
-            model_cfg = ckpt.model_config
+            model_cfg = GPTConfig(**{**ckpt.model_config.to_dict(),
+                                     "dropout": self.cfg.model.dropout})
+            ckpt.validate_weights(str(self.run.latest))
             state = None
         elif pretrained is not None:
             model_cfg, state = self._pretrained(pretrained)
@@ -411,20 +464,50 @@ class Trainer:
         set_lr(self.optimizers, factor)
         loss = float(self.forward_backward())
         if not math.isfinite(loss):
-            for opt in self.optimizers:
-                opt.zero_grad(set_to_none=True)
-            kept = f"; last good checkpoint: {self.run.latest}" if self.run.latest.exists() \
-                else ""
-            raise TrainingDiverged(f"loss became {loss} at step {self.step + 1}; stopping{kept}")
+            self._diverged(f"loss became {loss} at step {self.step + 1}")
         grad_norm = self._clip()
-        for opt in self.optimizers:
-            self.scaler.step(opt)
+        if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
+            # (With fp16's GradScaler an overflow only skips the step.)
+            self._diverged(f"the gradient norm became {grad_norm} at step {self.step + 1}")
+        try:
+            for opt in self.optimizers:
+                self.scaler.step(opt)
+        except RuntimeError as e:  # an update too large for float32 ("without overflow")
+            if "overflow" not in str(e):
+                raise
+            self._diverged(f"the update overflowed at step {self.step + 1} (learning rate "
+                           f"{factor * self.cfg.optim.lr:g})")
         self.scaler.update()
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += self.tokens_per_step
         return {"loss": loss, "lr": factor * self.cfg.optim.lr, "grad_norm": grad_norm}
+
+    @torch.no_grad()
+    def _probe_loss(self) -> float:
+        """The loss of the current weights on the first validation window (each rank its
+        own): what a checkpoint is checked with before it is written."""
+        x, y, _ = next(self.data.val.iter_eval(self.seq_len * self.dist.world_size, 1,
+                                                equal_batches=True))
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self._autocast():
+                logits = self.eval_module(x.to(self.device))
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.to(self.device).flatten(),
+                                   ignore_index=-1)
+        finally:
+            self.model.train(was_training)
+        return float(loss) if bool((y != -1).any()) else 0.0
+
+    def _diverged(self, what: str) -> None:
+        """Stop without touching the weights, naming the checkpoint to go back to (every
+        checkpoint is written from finite weights: see :meth:`_save`)."""
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        kept = f"; last good checkpoint: {self.run.latest}" if self.run.latest.exists() else ""
+        raise TrainingDiverged(f"{what}; stopping{kept}")
 
     # ------------------------------------------------------------------ evaluation
 
@@ -499,7 +582,8 @@ class Trainer:
 
         Returns a summary: ``step``, ``val_loss``, ``val_bpb``, ``val_tokens``,
         ``best_val_loss``, ``elapsed_s``, ``out``, ``stopped`` (``"max_steps"``,
-        ``"max_time"`` or ``"interrupt"``) and ``tokens_per_step``.
+        ``"max_time"`` or ``"interrupt"``), ``signal`` (``"SIGINT"``/``"SIGTERM"`` when one
+        stopped it, else None) and ``tokens_per_step``.
         """
         self._announce()
         self.model.train()
@@ -508,8 +592,10 @@ class Trainer:
         self._first_step_end: Optional[Tuple[float, int]] = None
         saved_step = self.step if self.run.latest.exists() else -1
         bar = self._progress_bar()
-        try:
-            with _StopFlag() as flag:
+        # The handlers stay through the final evaluation and checkpoint: a SIGTERM then must
+        # not kill the process before its checkpoint is written.
+        with _StopFlag() as flag:
+            try:
                 while True:
                     stopped = self._should_stop(flag.requested)
                     if stopped:
@@ -521,14 +607,16 @@ class Trainer:
                         bar.update(1)
                         bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{stats['lr']:.2e}")
                     saved_step = self._after_step(stats, saved_step, bar is None)
-        except BaseException:
+            except BaseException:
+                if bar is not None:
+                    bar.close()
+                self.metrics.close()
+                raise
             if bar is not None:
                 bar.close()
-            self.metrics.close()
-            raise
-        if bar is not None:
-            bar.close()
-        return self._finish(stopped, saved_step)
+            summary = self._finish(stopped, saved_step)
+        summary["signal"] = flag.signal_name or None
+        return summary
 
     def _should_stop(self, interrupt: bool) -> str:
         """The reason to stop before the next step ("" to go on), the same on every rank."""
@@ -687,6 +775,7 @@ class Trainer:
             "threads": self.threads,
             "world_size": self.dist.world_size,
             "data": self.data.train.state_dict(),
+            "data_identity": self.data.identity,
             "rng": self.dist.gather_object(_rng_state(self.device)),
         }
 
@@ -694,6 +783,10 @@ class Trainer:
         """Restore :meth:`state_dict`'s output (all ranks)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
+        # The optimizer state brings back its hyperparameters (base_lr, weight decay, betas,
+        # momentum) too; the configuration of this run is what runs, so they are put back.
+        settings = [[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+                    for opt in self.optimizers]
         try:
             set_state_dict(self.model, self.optimizers, model_state_dict=state["model"],
                            optim_state_dict=state["optimizer"],
@@ -702,6 +795,9 @@ class Trainer:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise TrainingError(f"the checkpoint does not match this model and optimizer: "
                                 f"{first}") from None
+        for opt, groups in zip(self.optimizers, settings):
+            for g, fresh in zip(opt.param_groups, groups):
+                g.update(fresh)
         if state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
@@ -726,6 +822,14 @@ class Trainer:
         """Write ``ckpt_best.pt`` or the regular checkpoints (collective; rank 0 writes)."""
         t0 = time.perf_counter()
         state = self.state_dict()
+        # An update can blow the weights up while the loss that led to it was still finite:
+        # such weights are never written (rank 0 holds the full state; every rank stops
+        # together). Finite but huge weights give NaN logits, hence the probe.
+        bad = nonfinite_tensors(state["model"]) if self.dist.master else []
+        probe = self._probe_loss()
+        if self.dist.agree(bool(bad) or not math.isfinite(probe), [])[0]:
+            what = f"weights ({bad[0]})" if bad else "loss of the updated weights"
+            self._diverged(f"the {what} became non-finite at step {self.step}")
         if not self.dist.master:
             return
         ckpt = Checkpoint(
@@ -740,7 +844,8 @@ class Trainer:
         self.save_s = time.perf_counter() - t0
 
     def close(self) -> None:
-        """Release the process group (if this trainer made it)."""
+        """Release the run folder's lock and the process group (if this trainer made it)."""
+        self.run.unlock()
         self.dist.close()
 
 
@@ -771,41 +876,53 @@ def _set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
 
 
 class _StopFlag:
-    """First Ctrl-C asks the loop to stop after the current step; a second one aborts."""
+    """Ctrl-C (SIGINT) and SIGTERM (what SLURM, Kubernetes and ``kill`` send before killing a
+    job) ask the loop to stop after the current step and save a checkpoint; a second one
+    aborts at once."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
 
     def __init__(self) -> None:
         self.requested = False
-        self._old: Any = None
+        self.signal_name = ""
+        self._old: Dict[int, Any] = {}
 
     def __enter__(self) -> _StopFlag:
-        try:
-            self._old = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not in the main thread
-            self._old = None
+        for name in self.SIGNALS:
+            signum = getattr(signal, name, None)
+            if signum is None:
+                continue
+            try:
+                self._old[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not in the main thread
+                pass
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nsmallgpt-train: interrupt received, saving a checkpoint (Ctrl-C again to "
-              "abort)", file=sys.stderr, flush=True)
+        self.signal_name = signal.Signals(signum).name
+        again = "Ctrl-C" if signum == signal.SIGINT else self.signal_name
+        print(f"\nsmallgpt-train: {self.signal_name} received, saving a checkpoint ({again} "
+              "again to abort)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc: Any) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for signum, old in self._old.items():
+            signal.signal(signum, old)
+        self._old = {}
 
 
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
           on_log: Optional[Callable[[Record], None]] = None,
-          model_overrides: Iterable[str] = ()) -> Record:
+          model_overrides: Iterable[str] = (), data_changed_ok: bool = False) -> Record:
     """Build a :class:`Trainer`, run :meth:`Trainer.fit` and release the process group.
 
     Returns the summary of :meth:`Trainer.fit`. Raises what :class:`Trainer` raises, and
     :class:`TrainingDiverged` when the loss becomes NaN/inf (the last good checkpoint is kept).
     """
     trainer = Trainer(cfg, resume=resume, overwrite=overwrite, on_log=on_log,
-                      model_overrides=model_overrides)
+                      model_overrides=model_overrides, data_changed_ok=data_changed_ok)
     try:
         summary = trainer.fit()
         # Every rank is done with its collectives before any rank tears the group down:
