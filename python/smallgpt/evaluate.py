@@ -1,5 +1,7 @@
-"""Multiple-choice evaluation in the HellaSwag format, scored as llm.c's
-``dev/data/hellaswag.py`` scores it ("completion style").
+"""Evaluation that needs nothing beyond smallgpt: multiple choice in the HellaSwag format,
+scored as llm.c's ``dev/data/hellaswag.py`` scores it ("completion style"), sliding-window
+perplexity of a text file, and the batched token scorer both of them and the lm-evaluation-
+harness model (:mod:`smallgpt.lmeval`) run on.
 
 A data file holds one JSON object per line with ``ctx`` (a string), ``endings`` (four strings)
 and ``label`` (the index of the right ending); other keys (``ind``, ``activity_label``, ...)
@@ -14,6 +16,8 @@ ending has the lowest summed loss, ``acc_norm`` those whose right ending has the
 loss (per token); ties go to the first ending, as ``argmin`` does. A row longer than the
 model's context keeps its last ``block_size`` tokens (the start of the context is dropped).
 
+Perplexity (:func:`sliding_window_perplexity`): see its docstring.
+
 Everything here is a pure function of a :class:`~smallgpt.model.GPT`, a
 :class:`~smallgpt.tokenizer.Tokenizer` and the examples; :func:`evaluate_multiple_choice`
 batches examples, runs on any device and dtype, and under a process group (torchrun) gives
@@ -25,6 +29,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, List, Optional, Sequence, Tuple, Union
@@ -33,8 +39,6 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    import os
-
     from smallgpt.model import GPT
     from smallgpt.tokenizer import Tokenizer
     from smallgpt.train.distributed import Dist
@@ -43,11 +47,17 @@ __all__ = [
     "EvalDataError",
     "MultipleChoiceExample",
     "MultipleChoiceResult",
+    "PerplexityResult",
     "RenderedExample",
+    "count_words",
     "evaluate_multiple_choice",
+    "perplexity_windows",
     "read_hellaswag",
+    "read_text_file",
     "render_example",
     "score_batch",
+    "score_tokens",
+    "sliding_window_perplexity",
 ]
 
 N_ENDINGS = 4
@@ -310,3 +320,260 @@ def _gather(chosen: List[Tuple[int, int, int, List[Tuple[float, float]]]],
         n=n, correct=correct, correct_norm=correct_norm,
         predictions=[c[1] for c in everything], predictions_norm=[c[2] for c in everything],
         losses=[c[3] for c in everything])
+
+
+# ---------------------------------------------------------------- scoring token rows
+
+#: Scored positions whose logits are computed at once: a (positions, vocab) float32 block of
+#: GPT-2's vocabulary is about 200 MB at 1024 positions.
+_HEAD_CHUNK = 1024
+
+
+def _autocast(device: torch.device, dtype: torch.dtype) -> Any:
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@dataclass
+class _Plan:
+    """The distinct model inputs of :func:`score_tokens` and which rows read each one."""
+
+    inputs: List[Tuple[int, ...]]
+    need: List[int]  # scored positions per input: the most any of its rows scores
+    members: List[List[int]]  # row indices per input
+
+
+def _plan(rows: Sequence[Tuple[Sequence[int], int]], block: int) -> _Plan:
+    index: dict = {}
+    plan = _Plan([], [], [])
+    for i, (tokens, n) in enumerate(rows):
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n < len(tokens):
+            raise ValueError(f"row {i}: scores {n!r} of its {len(tokens)} tokens "
+                             "(must be at least 1 and leave one token before them)")
+        if len(tokens) > block + 1:
+            raise ValueError(f"row {i}: {len(tokens)} tokens do not fit the model's context of "
+                             f"{block} (at most {block + 1}: the last one is only predicted)")
+        key = tuple(tokens[:-1])
+        u = index.get(key)
+        if u is None:
+            u = index[key] = len(plan.inputs)
+            plan.inputs.append(key)
+            plan.need.append(n)
+            plan.members.append([])
+        plan.need[u] = max(plan.need[u], n)
+        plan.members[u].append(i)
+    return plan
+
+
+@torch.no_grad()
+def score_tokens(
+    model: GPT,
+    rows: Sequence[Tuple[Sequence[int], int]],
+    *,
+    device: Union[str, torch.device, None] = None,
+    dtype: torch.dtype = torch.float32,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> List[Tuple[float, bool]]:
+    """Log-probability of the last tokens of each row, in batches.
+
+    ``rows[i] = (tokens, n)``: the last ``n`` tokens of ``tokens`` are scored, each predicted
+    from every token before it in the row (``1 <= n < len(tokens) <= block_size + 1``).
+    Returns per row the summed natural-log probability of those ``n`` tokens and whether each
+    of them is the model's most likely next token (lm-eval's ``is_greedy``); probabilities are
+    over the model's whole output (padded vocabulary rows included, as ``transformers`` does).
+
+    Rows that feed the model the same input (``tokens[:-1]``: duplicates, or choices of one
+    token after a shared context) share one row of a forward pass. Distinct inputs are sorted
+    longest first and cut into batches of ``batch_size``, each right-padded to its longest
+    input and run in one forward (causal attention: padding after a row's tokens never
+    changes them); the output head and the softmax run only at the scored positions.
+
+    Raises:
+        ValueError: a row outside those bounds, or ``batch_size < 1``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    model.to(dev).eval()
+    plan = _plan(rows, model.config.block_size)
+    order = sorted(range(len(plan.inputs)), key=lambda u: -len(plan.inputs[u]))
+    sums = torch.zeros(len(rows), dtype=torch.float64)
+    missed = torch.zeros(len(rows), dtype=torch.bool)
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in _progress(batches, progress):
+        member, lp, ok = _score_batch_rows(model, rows, plan, batch, dev, dtype)
+        sums.index_add_(0, member, lp)
+        missed.index_put_((member[~ok],), torch.tensor(True))
+    return [(float(s), not bool(m)) for s, m in zip(sums, missed)]
+
+
+def _score_batch_rows(model: GPT, rows: Sequence[Tuple[Sequence[int], int]], plan: _Plan,
+                      batch: List[int], dev: torch.device, dtype: torch.dtype
+                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One forward over the inputs ``batch``; per scored token of every row that reads them:
+    the row index, the log-probability and whether it is the argmax (CPU tensors)."""
+    width = len(plan.inputs[batch[0]])
+    x = torch.zeros((len(batch), width), dtype=torch.long)
+    pos_b, pos_t, flat, tgt, member = [], [], [], [], []
+    for b, u in enumerate(batch):
+        inp, need = plan.inputs[u], plan.need[u]
+        x[b, : len(inp)] = torch.tensor(inp, dtype=torch.long)
+        base = len(pos_t)
+        pos_b += [b] * need
+        pos_t += range(len(inp) - need, len(inp))
+        for i in plan.members[u]:
+            tokens, n = rows[i]
+            flat += range(base + need - n, base + need)
+            tgt += list(tokens[-n:])
+            member += [i] * n
+    flat_t, tgt_t = torch.tensor(flat, device=dev), torch.tensor(tgt, device=dev)
+    with _autocast(dev, dtype):
+        h = model.hidden_states(x.to(dev))[torch.tensor(pos_b, device=dev),
+                                           torch.tensor(pos_t, device=dev)]
+        lse = torch.empty(h.shape[0], device=dev)
+        best = torch.empty(h.shape[0], dtype=torch.long, device=dev)
+        target_logit = torch.empty(len(flat), device=dev)
+        for s in range(0, h.shape[0], _HEAD_CHUNK):
+            # GPT.forward's head: lm_head, then the logit soft-cap of models that have one.
+            logits = model._softcap(model.lm_head(h[s : s + _HEAD_CHUNK])).float()
+            lse[s : s + _HEAD_CHUNK] = torch.logsumexp(logits, dim=-1)
+            best[s : s + _HEAD_CHUNK] = logits.argmax(dim=-1)
+            here = (flat_t >= s) & (flat_t < s + logits.shape[0])
+            target_logit[here] = logits[flat_t[here] - s, tgt_t[here]]
+    lp = (target_logit - lse[flat_t]).double().cpu()
+    return torch.tensor(member), lp, (best[flat_t] == tgt_t).cpu()
+
+
+# ---------------------------------------------------------------- perplexity of a text
+
+
+def count_words(text: str) -> int:
+    """Words as lm-evaluation-harness counts them for ``word_perplexity``:
+    ``len(re.split(r"\\s+", text))`` (so leading or trailing whitespace adds an empty word)."""
+    return len(re.split(r"\s+", text))
+
+
+def read_text_file(path: Union[str, os.PathLike[str]]) -> str:
+    """A UTF-8 text file's contents.
+
+    Raises:
+        EvalDataError: a missing, unreadable, non-UTF-8 or empty file.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise EvalDataError(f"{p}: no such file" if not p.exists() else f"{p} is not a file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise EvalDataError(f"{p}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise EvalDataError(f"cannot read {p}: {e.strerror or e}") from None
+    if not text:
+        raise EvalDataError(f"{p} is empty")
+    return text
+
+
+@dataclass
+class PerplexityResult:
+    """Totals of :func:`sliding_window_perplexity`; ``nll`` is the summed negative
+    log-likelihood in nats of all ``tokens`` tokens of the text."""
+
+    nll: float
+    tokens: int
+    bytes: int
+    words: int
+    windows: int
+    context: int
+    stride: int
+
+    @property
+    def token_perplexity(self) -> float:
+        """``exp(nll / tokens)``."""
+        return math.exp(self.nll / self.tokens)
+
+    @property
+    def bits_per_byte(self) -> float:
+        """``nll / bytes / ln 2``: bits per UTF-8 byte, comparable across tokenizers."""
+        return self.nll / self.bytes / math.log(2)
+
+    @property
+    def byte_perplexity(self) -> float:
+        """``exp(nll / bytes)`` (lm-eval's ``byte_perplexity``)."""
+        return math.exp(self.nll / self.bytes)
+
+    @property
+    def word_perplexity(self) -> float:
+        """``exp(nll / words)`` with words counted by :func:`count_words` (lm-eval's)."""
+        return math.exp(self.nll / self.words)
+
+    def summary(self) -> dict:
+        """The figures ``smallgpt-eval --perplexity`` prints."""
+        return {"token_perplexity": self.token_perplexity, "bits_per_byte": self.bits_per_byte,
+                "byte_perplexity": self.byte_perplexity,
+                "word_perplexity": self.word_perplexity, "nll": self.nll,
+                "tokens": self.tokens, "bytes": self.bytes, "words": self.words,
+                "windows": self.windows, "context": self.context, "stride": self.stride}
+
+
+def perplexity_windows(n_tokens: int, context: int, stride: int) -> List[Tuple[int, int, int]]:
+    """The windows of the sliding-window method over a stream of ``n_tokens + 1`` tokens
+    (a leading ``<|endoftext|>``, then the text's): ``(begin, end, n)`` feeds the model stream
+    positions ``begin .. end - 1`` and scores the last ``n`` of its predictions, the tokens
+    ``end - n + 1 .. end`` that no earlier window scored. Windows start every ``stride``
+    tokens; ``stride == context`` makes them disjoint."""
+    if not 1 <= stride <= context:
+        raise ValueError(f"stride must be from 1 to the context ({context}), got {stride}")
+    windows, begin, prev_end = [], 0, 0
+    while True:
+        end = min(begin + context, n_tokens)
+        windows.append((begin, end, end - prev_end))
+        if end == n_tokens:
+            return windows
+        prev_end, begin = end, begin + stride
+
+
+def sliding_window_perplexity(
+    model: GPT,
+    tokenizer: Tokenizer,
+    text: str,
+    *,
+    stride: Optional[int] = None,
+    device: Union[str, torch.device, None] = None,
+    dtype: torch.dtype = torch.float32,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> PerplexityResult:
+    """Perplexity of ``text`` by the sliding-window method.
+
+    The text is encoded as plain text (special-token text included) after one
+    ``<|endoftext|>``, so that its first token is predicted too. Windows of the model's
+    context start every ``stride`` tokens (default: half the context); each predicts only
+    the tokens past its overlap with the previous one, so every token is scored once, with
+    between ``context - stride`` and ``context`` tokens before it (fewer at the start).
+    ``stride`` equal to the context gives disjoint windows. Windows run in batches of
+    ``batch_size`` (see :func:`score_tokens`).
+
+    Raises:
+        EvalDataError: text with no token, or a tokenizer without ``<|endoftext|>``.
+        ValueError: a stride outside ``1 .. context``.
+    """
+    context = model.config.block_size
+    stride = max(1, context // 2) if stride is None else stride
+    eot = tokenizer.eot_id
+    if eot is None:
+        raise EvalDataError("the tokenizer has no <|endoftext|> token to predict the first "
+                            "token from")
+    ids = tokenizer.encode_ordinary(text)
+    if not ids:
+        raise EvalDataError("the text has no token")
+    stream = [eot] + ids
+    windows = perplexity_windows(len(ids), context, stride)
+    rows = [(stream[b : e + 1], n) for b, e, n in windows]
+    scores = score_tokens(model, rows, device=device, dtype=dtype, batch_size=batch_size,
+                          progress=progress)
+    nll = -math.fsum(s for s, _ in scores)
+    return PerplexityResult(nll=nll, tokens=len(ids), bytes=len(text.encode("utf-8")),
+                            words=count_words(text), windows=len(windows), context=context,
+                            stride=stride)
