@@ -21,12 +21,8 @@ import torch
 
 from smallgpt.checkpoint import load_model
 from smallgpt.cli.eval import main
-from smallgpt.evaluate import (
-    count_words,
-    perplexity_windows,
-    score_tokens,
-    sliding_window_perplexity,
-)
+from smallgpt.evaluate import count_words, perplexity_windows, sliding_window_perplexity
+from smallgpt.scoring import score_tokens
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TASKS = FIXTURES / "lmeval"
@@ -35,11 +31,17 @@ KINDS = ["tiny_lambada", "tiny_wikitext", "tiny_mc", "tiny_gen"]
 
 @pytest.fixture(scope="module", autouse=True)
 def offline(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """No hub, and Hugging Face datasets' cache in a temporary folder."""
+    """No hub, and Hugging Face datasets' cache in a temporary folder. Two of lm-eval's costs
+    that do not touch scoring are cut: its report of the environment (subprocesses such as
+    ``pip list``, seconds per evaluation) and the process pool of its bootstrap standard errors
+    (the single-process loop draws the same resamples, seeded per chunk)."""
     import datasets
     import huggingface_hub.constants
+    import lm_eval.evaluator
 
     mp = pytest.MonkeyPatch()
+    mp.setattr(lm_eval.evaluator, "add_env_info", lambda results: None)
+    mp.setenv("DISABLE_MULTIPROC", "1")
     mp.setenv("HF_DATASETS_OFFLINE", "1")
     mp.setenv("HF_HUB_OFFLINE", "1")
     mp.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
@@ -214,15 +216,24 @@ def test_modern_run_evaluates(tmp_path_factory: pytest.TempPathFactory,
 
 
 def test_score_tokens_batches_and_shares_rows(gpt2: Any) -> None:
-    """Any batch size gives the same scores; rows with one input share a forward; each row
-    equals a plain forward over it."""
+    """Every batch size gives the same scores, and each row equals a plain forward over it:
+    plain rows of many lengths, rows with one input (a duplicate, another last token), and
+    multiple-choice groups (one context, endings of several lengths) whose context runs once
+    through the KV cache, two groups with contexts of the same length sharing those passes."""
     model = gpt2.model
     g = torch.Generator().manual_seed(0)
-    rows: List[tuple] = []
-    for length, n in ((5, 1), (30, 4), (65, 64), (12, 11), (30, 1), (2, 1)):
-        rows.append((torch.randint(0, 50257, (length,), generator=g).tolist(), n))
+
+    def rand(n: int) -> List[int]:
+        return torch.randint(0, 50257, (n,), generator=g).tolist()
+
+    rows: List[tuple] = [(rand(length), n) for length, n in
+                         ((5, 1), (30, 4), (65, 64), (12, 11), (30, 1), (2, 1))]
     rows.append((rows[1][0][:-1] + [7], 1))  # the input of row 1, another last token
     rows.append(rows[3])  # a duplicate
+    for context_len in (40, 40, 17):
+        context = rand(context_len)
+        for ending in (3, 9, 1, 5):
+            rows.append((context + rand(ending), ending))
     one = score_tokens(model, rows, batch_size=1)
     many = score_tokens(model, rows, batch_size=5)
     for (a, ga), (b, gb), (tokens, n) in zip(one, many, rows):
@@ -238,6 +249,23 @@ def test_score_tokens_batches_and_shares_rows(gpt2: Any) -> None:
         score_tokens(model, [([1, 2], 0)])
     with pytest.raises(ValueError, match="scores 2"):
         score_tokens(model, [([1, 2], 2)])
+
+
+def test_multiple_choice_contexts_run_once(gpt2: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the sharing saves: positions through the model for four choices after a
+    40-token context (one pass of the context, then the four endings)."""
+    seen: List[int] = []
+    real = type(gpt2.model).hidden_states
+
+    def counting(self: Any, idx: torch.Tensor, cache: Any = None) -> torch.Tensor:
+        seen.append(idx.shape[0] * idx.shape[1])
+        return real(self, idx, cache)
+
+    monkeypatch.setattr(type(gpt2.model), "hidden_states", counting)
+    context = list(range(1000, 1040))
+    rows = [(context + e, len(e)) for e in ([5, 5], [5, 5, 5], [6, 6, 6], [5, 5, 5, 5])]
+    score_tokens(gpt2.model, rows, batch_size=8)
+    assert seen == [39, 4 * 4]  # the context less its last token, then 4 tails of <= 4
 
 
 # ----------------------------------------------------------------------------- perplexity
@@ -265,7 +293,7 @@ def _hf_sliding_window(folder: Path, text: str, stride: int) -> float:
     return total
 
 
-@pytest.mark.parametrize("stride", [64, 24, 1])
+@pytest.mark.parametrize("stride", [64, 24, 5])
 def test_perplexity_equals_transformers(hf_gpt2: Path, gpt2: Any, stride: int) -> None:
     text = (FIXTURES / "english.txt").read_text(encoding="utf-8")[3000:3000 + 40 * stride + 700]
     got = sliding_window_perplexity(gpt2.model, gpt2.tokenizer, text, stride=stride,

@@ -1,7 +1,7 @@
 """Evaluation that needs nothing beyond smallgpt: multiple choice in the HellaSwag format,
-scored as llm.c's ``dev/data/hellaswag.py`` scores it ("completion style"), sliding-window
-perplexity of a text file, and the batched token scorer both of them and the lm-evaluation-
-harness model (:mod:`smallgpt.lmeval`) run on.
+scored as llm.c's ``dev/data/hellaswag.py`` scores it ("completion style"), and the
+sliding-window perplexity of a text (on :func:`smallgpt.scoring.score_tokens`, the batched
+scorer the lm-evaluation-harness model :mod:`smallgpt.lmeval` runs on too).
 
 A data file holds one JSON object per line with ``ctx`` (a string), ``endings`` (four strings)
 and ``label`` (the index of the right ending); other keys (``ind``, ``activity_label``, ...)
@@ -56,7 +56,6 @@ __all__ = [
     "read_text_file",
     "render_example",
     "score_batch",
-    "score_tokens",
     "sliding_window_perplexity",
 ]
 
@@ -322,130 +321,6 @@ def _gather(chosen: List[Tuple[int, int, int, List[Tuple[float, float]]]],
         losses=[c[3] for c in everything])
 
 
-# ---------------------------------------------------------------- scoring token rows
-
-#: Scored positions whose logits are computed at once: a (positions, vocab) float32 block of
-#: GPT-2's vocabulary is about 200 MB at 1024 positions.
-_HEAD_CHUNK = 1024
-
-
-def _autocast(device: torch.device, dtype: torch.dtype) -> Any:
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-@dataclass
-class _Plan:
-    """The distinct model inputs of :func:`score_tokens` and which rows read each one."""
-
-    inputs: List[Tuple[int, ...]]
-    need: List[int]  # scored positions per input: the most any of its rows scores
-    members: List[List[int]]  # row indices per input
-
-
-def _plan(rows: Sequence[Tuple[Sequence[int], int]], block: int) -> _Plan:
-    index: dict = {}
-    plan = _Plan([], [], [])
-    for i, (tokens, n) in enumerate(rows):
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n < len(tokens):
-            raise ValueError(f"row {i}: scores {n!r} of its {len(tokens)} tokens "
-                             "(must be at least 1 and leave one token before them)")
-        if len(tokens) > block + 1:
-            raise ValueError(f"row {i}: {len(tokens)} tokens do not fit the model's context of "
-                             f"{block} (at most {block + 1}: the last one is only predicted)")
-        key = tuple(tokens[:-1])
-        u = index.get(key)
-        if u is None:
-            u = index[key] = len(plan.inputs)
-            plan.inputs.append(key)
-            plan.need.append(n)
-            plan.members.append([])
-        plan.need[u] = max(plan.need[u], n)
-        plan.members[u].append(i)
-    return plan
-
-
-@torch.no_grad()
-def score_tokens(
-    model: GPT,
-    rows: Sequence[Tuple[Sequence[int], int]],
-    *,
-    device: Union[str, torch.device, None] = None,
-    dtype: torch.dtype = torch.float32,
-    batch_size: int = 8,
-    progress: bool = False,
-) -> List[Tuple[float, bool]]:
-    """Log-probability of the last tokens of each row, in batches.
-
-    ``rows[i] = (tokens, n)``: the last ``n`` tokens of ``tokens`` are scored, each predicted
-    from every token before it in the row (``1 <= n < len(tokens) <= block_size + 1``).
-    Returns per row the summed natural-log probability of those ``n`` tokens and whether each
-    of them is the model's most likely next token (lm-eval's ``is_greedy``); probabilities are
-    over the model's whole output (padded vocabulary rows included, as ``transformers`` does).
-
-    Rows that feed the model the same input (``tokens[:-1]``: duplicates, or choices of one
-    token after a shared context) share one row of a forward pass. Distinct inputs are sorted
-    longest first and cut into batches of ``batch_size``, each right-padded to its longest
-    input and run in one forward (causal attention: padding after a row's tokens never
-    changes them); the output head and the softmax run only at the scored positions.
-
-    Raises:
-        ValueError: a row outside those bounds, or ``batch_size < 1``.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
-    model.to(dev).eval()
-    plan = _plan(rows, model.config.block_size)
-    order = sorted(range(len(plan.inputs)), key=lambda u: -len(plan.inputs[u]))
-    sums = torch.zeros(len(rows), dtype=torch.float64)
-    missed = torch.zeros(len(rows), dtype=torch.bool)
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    for batch in _progress(batches, progress):
-        member, lp, ok = _score_batch_rows(model, rows, plan, batch, dev, dtype)
-        sums.index_add_(0, member, lp)
-        missed.index_put_((member[~ok],), torch.tensor(True))
-    return [(float(s), not bool(m)) for s, m in zip(sums, missed)]
-
-
-def _score_batch_rows(model: GPT, rows: Sequence[Tuple[Sequence[int], int]], plan: _Plan,
-                      batch: List[int], dev: torch.device, dtype: torch.dtype
-                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One forward over the inputs ``batch``; per scored token of every row that reads them:
-    the row index, the log-probability and whether it is the argmax (CPU tensors)."""
-    width = len(plan.inputs[batch[0]])
-    x = torch.zeros((len(batch), width), dtype=torch.long)
-    pos_b, pos_t, flat, tgt, member = [], [], [], [], []
-    for b, u in enumerate(batch):
-        inp, need = plan.inputs[u], plan.need[u]
-        x[b, : len(inp)] = torch.tensor(inp, dtype=torch.long)
-        base = len(pos_t)
-        pos_b += [b] * need
-        pos_t += range(len(inp) - need, len(inp))
-        for i in plan.members[u]:
-            tokens, n = rows[i]
-            flat += range(base + need - n, base + need)
-            tgt += list(tokens[-n:])
-            member += [i] * n
-    flat_t, tgt_t = torch.tensor(flat, device=dev), torch.tensor(tgt, device=dev)
-    with _autocast(dev, dtype):
-        h = model.hidden_states(x.to(dev))[torch.tensor(pos_b, device=dev),
-                                           torch.tensor(pos_t, device=dev)]
-        lse = torch.empty(h.shape[0], device=dev)
-        best = torch.empty(h.shape[0], dtype=torch.long, device=dev)
-        target_logit = torch.empty(len(flat), device=dev)
-        for s in range(0, h.shape[0], _HEAD_CHUNK):
-            # GPT.forward's head: lm_head, then the logit soft-cap of models that have one.
-            logits = model._softcap(model.lm_head(h[s : s + _HEAD_CHUNK])).float()
-            lse[s : s + _HEAD_CHUNK] = torch.logsumexp(logits, dim=-1)
-            best[s : s + _HEAD_CHUNK] = logits.argmax(dim=-1)
-            here = (flat_t >= s) & (flat_t < s + logits.shape[0])
-            target_logit[here] = logits[flat_t[here] - s, tgt_t[here]]
-    lp = (target_logit - lse[flat_t]).double().cpu()
-    return torch.tensor(member), lp, (best[flat_t] == tgt_t).cpu()
-
-
 # ---------------------------------------------------------------- perplexity of a text
 
 
@@ -553,7 +428,7 @@ def sliding_window_perplexity(
     the tokens past its overlap with the previous one, so every token is scored once, with
     between ``context - stride`` and ``context`` tokens before it (fewer at the start).
     ``stride`` equal to the context gives disjoint windows. Windows run in batches of
-    ``batch_size`` (see :func:`score_tokens`).
+    ``batch_size`` (see :func:`smallgpt.scoring.score_tokens`).
 
     Raises:
         EvalDataError: text with no token, or a tokenizer without ``<|endoftext|>``.
@@ -571,6 +446,8 @@ def sliding_window_perplexity(
     stream = [eot] + ids
     windows = perplexity_windows(len(ids), context, stride)
     rows = [(stream[b : e + 1], n) for b, e, n in windows]
+    from smallgpt.scoring import score_tokens
+
     scores = score_tokens(model, rows, device=device, dtype=dtype, batch_size=batch_size,
                           progress=progress)
     nll = -math.fsum(s for s, _ in scores)

@@ -7,8 +7,9 @@ request longer than the model's context keeps its last tokens, as ``hf`` does. O
 folder both backends therefore score the same tokens (``tests/test_lmeval.py`` checks every
 metric of four task kinds against ``hf``).
 
-Scoring runs on :func:`smallgpt.evaluate.score_tokens` (inputs sorted by length, batched,
-right-padded, one forward per batch, the output head only at scored positions); generation on
+Scoring runs on :func:`smallgpt.scoring.score_tokens` (a multiple-choice context once for all
+its choices, through the KV cache; other inputs sorted by length, batched, right-padded, one
+forward per batch; the output head only at scored positions); generation on
 :func:`smallgpt.generate.generate_text` (KV cache, stop strings cut exactly), batching requests
 whose prompts have the same length (the model has no padding mask, so rows of a generation
 batch must be equally long).
@@ -26,8 +27,8 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from smallgpt.evaluate import _autocast, score_tokens
 from smallgpt.generate import generate_text
+from smallgpt.scoring import autocast, score_tokens
 
 if TYPE_CHECKING:
     import os
@@ -293,7 +294,7 @@ class SmallGPTLM(TemplateLM):
                 batch = members[i : i + self._batch_size]
                 until, max_gen, options = settings[batch[0]]
                 idx = torch.tensor([prompts[k] for k in batch], device=self._device)
-                with _autocast(self._device, self.dtype):
+                with autocast(self._device, self.dtype):
                     texts = generate_text(
                         self.model, idx, max_gen, decode_bytes=self.tokenizer.decode_bytes,
                         stop=until, eos_token_id=self.eot_token_id,
