@@ -80,8 +80,10 @@ def make_tasks(folder: Path, docs: int) -> Path:
     for i in range(docs):  # ~60-90 words, HellaSwag/LAMBADA-sized contexts
         words = paras[i % len(paras)].split()[: 60 + 3 * (i % 10)]
         lam.append({"text": " ".join(words[:-1] + [re.sub(r"\W", "", words[-1]) or "end"])})
+    # 1 to 8 paragraphs: from a fraction of GPT-2's context to a page of two windows
     pages = [{"page": " = Page = \n\n " + "\n\n".join(
-        paras[(4 * i + k) % len(paras)] for k in range(8)) + " \n"} for i in range(docs)]
+        paras[(4 * i + k) % len(paras)] for k in range(1 + i % 8)) + " \n"}
+        for i in range(docs)]
     mc, gen = [], []
     for i in range(docs):
         w = sents[i % len(sents)].split()
@@ -130,7 +132,7 @@ def main() -> None:
     ap.add_argument("--model", choices=sorted(MODELS), default="small")
     ap.add_argument("--tasks", default="lambada,wikitext,mc,gen",
                     help=f"comma-separated, from {', '.join(TASKS)}")
-    ap.add_argument("--docs", type=int, default=100, help="documents per task (default 100)")
+    ap.add_argument("--docs", type=int, default=48, help="documents per task (default 48)")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds (default 3)")
     ap.add_argument("--batch-size", type=int, default=16, help="both arms (default 16)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
