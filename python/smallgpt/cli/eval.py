@@ -21,6 +21,7 @@ input is one line on stderr and exit status 2; ``--output`` is written whole or 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -167,8 +168,11 @@ def _tasks(args: argparse.Namespace) -> Dict[str, Any]:
                     progress=args.progress and sys.stderr.isatty())
     model_args = {"checkpoint": str(args.checkpoint), "dtype": str(lm.dtype),
                   "device": str(lm.device), "batch_size": args.batch_size}
-    return evaluate_tasks(lm, names, include_path=args.include_path, limit=args.limit,
-                          num_fewshot=args.num_fewshot, model_args=model_args)
+    # lm-eval prints notes ("bootstrapping for stddev: ...") to stdout, which is ours to keep
+    # for the results line.
+    with contextlib.redirect_stdout(sys.stderr):
+        return evaluate_tasks(lm, names, include_path=args.include_path, limit=args.limit,
+                              num_fewshot=args.num_fewshot, model_args=model_args)
 
 
 def _run(args: argparse.Namespace) -> Optional[dict]:
