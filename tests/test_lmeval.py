@@ -214,6 +214,25 @@ def test_modern_run_evaluates(tmp_path_factory: pytest.TempPathFactory,
         assert sample["resps"][0][0][0] == pytest.approx(want, rel=1e-5)
 
 
+def test_yaml_file_task_few_shot_and_output(hf_gpt2: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture) -> None:
+    """A task named by its YAML file (its data found next to it from any working directory),
+    --num-fewshot, and --output in lm_eval --output_path's format."""
+    out = tmp_path / "r.json"
+    code, stdout, err = run(capsys, "--tasks", str(TASKS / "tiny_mc.yaml"), "--checkpoint",
+                            str(hf_gpt2), "--num-fewshot", "2", "--limit", "2", "--output",
+                            str(out), "--no-progress", "--batch-size", "2")
+    assert code == 0, err
+    results = json.loads(out.read_text())
+    assert results["n-shot"]["tiny_mc"] == 2 and results["n-samples"]["tiny_mc"]["effective"] == 2
+    assert results["configs"]["tiny_mc"]["num_fewshot"] == 2
+    for key in ("results", "versions", "config", "date", "task_hashes", "model_name",
+                "total_evaluation_time_seconds"):
+        assert key in results
+    summary = json.loads(stdout)
+    assert summary["tiny_mc"]["acc"] == results["results"]["tiny_mc"]["acc,none"]
+
+
 # ----------------------------------------------------------------------------- the scorer
 
 
