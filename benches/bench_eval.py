@@ -14,7 +14,10 @@ Timed: the backend's own request method (``loglikelihood``, ``loglikelihood_roll
 Reported: examples (documents) per second, mean ± sd, the ratio ours / hf, and the largest
 difference between the two arms' answers (log-likelihoods relative; generations counted equal).
 
-    python benches/bench_eval.py                       # GPT-2 small, ~minutes on 2 cores
+Needs the ``bench`` extra (lm-eval, and accelerate for its ``hf`` backend):
+``pip install '.[bench]'``. Offline: no hub, no download (the data sets are local files).
+
+    python benches/bench_eval.py                       # GPT-2 small, ~10-20 min on 2 cores
     python benches/bench_eval.py --model tiny --docs 8 --repeats 1 --no-record   # smoke test
 """
 
