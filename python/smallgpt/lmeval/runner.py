@@ -26,8 +26,8 @@ if TYPE_CHECKING:
 
     from smallgpt.lmeval.model import SmallGPTLM
 
-__all__ = ["TaskError", "evaluate_tasks", "load_tasks", "summarize", "task_manager",
-           "write_results"]
+__all__ = ["TaskError", "evaluate_tasks", "load_tasks", "quiet_lm_eval", "summarize",
+           "task_manager", "write_results"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
