@@ -94,10 +94,11 @@ class SmallGPTLM(TemplateLM):
         model, tokenizer: a :class:`~smallgpt.model.GPT` and its tokenizer.
         gpt2_vocab: GPT-2 vocabulary files for a Hugging Face folder without them.
         device: ``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
-        dtype: ``auto`` is float32 on every device: harness figures are compared with
-            published ones, computed in float32 (lm-eval's ``hf`` backend loads GPT-2's float32
-            weights as they are), and bf16 moves a perplexity by about 0.1-1 %; pass
-            ``bfloat16`` (or ``float16`` on GPUs) for speed, as autocast.
+        dtype: ``auto`` is float32 on every device, CUDA included: harness figures are
+            compared with published ones, and lm-eval's ``hf`` backend runs a float32
+            checkpoint such as GPT-2's in float32 unless told otherwise; bf16 autocast changes
+            the log-likelihoods behind every metric. Pass ``bfloat16`` (or ``float16`` on
+            GPUs) for speed, as autocast.
         batch_size: rows per forward pass (``"auto"``: 8).
         max_gen_toks: tokens generated when a task does not say (lm-eval's default 256).
         max_batch_size: accepted for lm-eval's CLI, unused.
