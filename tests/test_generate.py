@@ -142,6 +142,24 @@ def test_cache_matches_no_cache(position: str) -> None:
     assert torch.equal(c, d)
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_sampling_distribution_is_the_models_with_softcap(use_cache: bool) -> None:
+    """Every step samples from the model's own next-token distribution, soft-cap included:
+    the prompt's step (prefill, or every step without the cache) as much as cached ones."""
+    from smallgpt.generate import _Stepper
+
+    m = tiny(logit_softcap=0.5)
+    prompt = torch.randint(0, 26, (2, 5))
+    stepper = _Stepper(m, use_cache)
+    seqs = prompt
+    for _ in range(3):
+        with torch.no_grad():
+            want = m(seqs)[:, -1].float()
+            got = stepper.logits(seqs)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        seqs = torch.cat((seqs, want.argmax(-1, keepdim=True)), dim=1)
+
+
 @pytest.mark.parametrize("position", ["learned", "rope"])
 def test_generation_past_the_context_crops(position: str) -> None:
     m = tiny(block=16, position=position)

@@ -1,5 +1,7 @@
-"""Multiple-choice evaluation in the HellaSwag format, scored as llm.c's
-``dev/data/hellaswag.py`` scores it ("completion style").
+"""Evaluation that needs nothing beyond smallgpt: multiple choice in the HellaSwag format,
+scored as llm.c's ``dev/data/hellaswag.py`` scores it ("completion style"), and the
+sliding-window perplexity of a text (on :func:`smallgpt.scoring.score_tokens`, the batched
+scorer the lm-evaluation-harness model :mod:`smallgpt.lmeval` runs on too).
 
 A data file holds one JSON object per line with ``ctx`` (a string), ``endings`` (four strings)
 and ``label`` (the index of the right ending); other keys (``ind``, ``activity_label``, ...)
@@ -14,6 +16,8 @@ ending has the lowest summed loss, ``acc_norm`` those whose right ending has the
 loss (per token); ties go to the first ending, as ``argmin`` does. A row longer than the
 model's context keeps its last ``block_size`` tokens (the start of the context is dropped).
 
+Perplexity (:func:`sliding_window_perplexity`): see its docstring.
+
 Everything here is a pure function of a :class:`~smallgpt.model.GPT`, a
 :class:`~smallgpt.tokenizer.Tokenizer` and the examples; :func:`evaluate_multiple_choice`
 batches examples, runs on any device and dtype, and under a process group (torchrun) gives
@@ -25,6 +29,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, List, Optional, Sequence, Tuple, Union
@@ -33,8 +39,6 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    import os
-
     from smallgpt.model import GPT
     from smallgpt.tokenizer import Tokenizer
     from smallgpt.train.distributed import Dist
@@ -43,11 +47,16 @@ __all__ = [
     "EvalDataError",
     "MultipleChoiceExample",
     "MultipleChoiceResult",
+    "PerplexityResult",
     "RenderedExample",
+    "count_words",
     "evaluate_multiple_choice",
+    "perplexity_windows",
     "read_hellaswag",
+    "read_text_file",
     "render_example",
     "score_batch",
+    "sliding_window_perplexity",
 ]
 
 N_ENDINGS = 4
@@ -311,3 +320,138 @@ def _gather(chosen: List[Tuple[int, int, int, List[Tuple[float, float]]]],
         n=n, correct=correct, correct_norm=correct_norm,
         predictions=[c[1] for c in everything], predictions_norm=[c[2] for c in everything],
         losses=[c[3] for c in everything])
+
+
+# ---------------------------------------------------------------- perplexity of a text
+
+
+def count_words(text: str) -> int:
+    """Words as lm-evaluation-harness counts them for ``word_perplexity``:
+    ``len(re.split(r"\\s+", text))`` (so leading or trailing whitespace adds an empty word)."""
+    return len(re.split(r"\s+", text))
+
+
+def read_text_file(path: Union[str, os.PathLike[str]]) -> str:
+    """A UTF-8 text file's contents.
+
+    Raises:
+        EvalDataError: a missing, unreadable, non-UTF-8 or empty file.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise EvalDataError(f"{p}: no such file" if not p.exists() else f"{p} is not a file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise EvalDataError(f"{p}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise EvalDataError(f"cannot read {p}: {e.strerror or e}") from None
+    if not text:
+        raise EvalDataError(f"{p} is empty")
+    return text
+
+
+@dataclass
+class PerplexityResult:
+    """Totals of :func:`sliding_window_perplexity`; ``nll`` is the summed negative
+    log-likelihood in nats of all ``tokens`` tokens of the text."""
+
+    nll: float
+    tokens: int
+    bytes: int
+    words: int
+    windows: int
+    context: int
+    stride: int
+
+    @property
+    def token_perplexity(self) -> float:
+        """``exp(nll / tokens)``."""
+        return math.exp(self.nll / self.tokens)
+
+    @property
+    def bits_per_byte(self) -> float:
+        """``nll / bytes / ln 2``: bits per UTF-8 byte, comparable across tokenizers."""
+        return self.nll / self.bytes / math.log(2)
+
+    @property
+    def byte_perplexity(self) -> float:
+        """``exp(nll / bytes)`` (lm-eval's ``byte_perplexity``)."""
+        return math.exp(self.nll / self.bytes)
+
+    @property
+    def word_perplexity(self) -> float:
+        """``exp(nll / words)`` with words counted by :func:`count_words` (lm-eval's)."""
+        return math.exp(self.nll / self.words)
+
+    def summary(self) -> dict:
+        """The figures ``smallgpt-eval --perplexity`` prints."""
+        return {"token_perplexity": self.token_perplexity, "bits_per_byte": self.bits_per_byte,
+                "byte_perplexity": self.byte_perplexity,
+                "word_perplexity": self.word_perplexity, "nll": self.nll,
+                "tokens": self.tokens, "bytes": self.bytes, "words": self.words,
+                "windows": self.windows, "context": self.context, "stride": self.stride}
+
+
+def perplexity_windows(n_tokens: int, context: int, stride: int) -> List[Tuple[int, int, int]]:
+    """The windows of the sliding-window method over a stream of ``n_tokens + 1`` tokens
+    (a leading ``<|endoftext|>``, then the text's): ``(begin, end, n)`` feeds the model stream
+    positions ``begin .. end - 1`` and scores the last ``n`` of its predictions, the tokens
+    ``end - n + 1 .. end`` that no earlier window scored. Windows start every ``stride``
+    tokens; ``stride == context`` makes them disjoint."""
+    if not 1 <= stride <= context:
+        raise ValueError(f"stride must be from 1 to the context ({context}), got {stride}")
+    windows, begin, prev_end = [], 0, 0
+    while True:
+        end = min(begin + context, n_tokens)
+        windows.append((begin, end, end - prev_end))
+        if end == n_tokens:
+            return windows
+        prev_end, begin = end, begin + stride
+
+
+def sliding_window_perplexity(
+    model: GPT,
+    tokenizer: Tokenizer,
+    text: str,
+    *,
+    stride: Optional[int] = None,
+    device: Union[str, torch.device, None] = None,
+    dtype: torch.dtype = torch.float32,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> PerplexityResult:
+    """Perplexity of ``text`` by the sliding-window method.
+
+    The text is encoded as plain text (special-token text included) after one
+    ``<|endoftext|>``, so that its first token is predicted too. Windows of the model's
+    context start every ``stride`` tokens (default: half the context); each predicts only
+    the tokens past its overlap with the previous one, so every token is scored once, with
+    between ``context - stride`` and ``context`` tokens before it (fewer at the start).
+    ``stride`` equal to the context gives disjoint windows. Windows run in batches of
+    ``batch_size`` (see :func:`smallgpt.scoring.score_tokens`).
+
+    Raises:
+        EvalDataError: text with no token, or a tokenizer without ``<|endoftext|>``.
+        ValueError: a stride outside ``1 .. context``.
+    """
+    context = model.config.block_size
+    stride = max(1, context // 2) if stride is None else stride
+    eot = tokenizer.eot_id
+    if eot is None:
+        raise EvalDataError("the tokenizer has no <|endoftext|> token to predict the first "
+                            "token from")
+    ids = tokenizer.encode_ordinary(text)
+    if not ids:
+        raise EvalDataError("the text has no token")
+    stream = [eot] + ids
+    windows = perplexity_windows(len(ids), context, stride)
+    rows = [(stream[b : e + 1], n) for b, e, n in windows]
+    from smallgpt.scoring import score_tokens
+
+    scores = score_tokens(model, rows, device=device, dtype=dtype, batch_size=batch_size,
+                          progress=progress)
+    nll = -math.fsum(s for s, _ in scores)
+    return PerplexityResult(nll=nll, tokens=len(ids), bytes=len(text.encode("utf-8")),
+                            words=count_words(text), windows=len(windows), context=context,
+                            stride=stride)

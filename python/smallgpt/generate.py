@@ -253,7 +253,8 @@ class _Stepper:
 
     def _last_logits(self, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         h = self.model.hidden_states(idx, cache)
-        logits = self.model.lm_head(h[:, -1, :]).float()
+        # The head as GPT.forward and decode_step apply it: soft-capped where the model is.
+        logits = self.model._softcap(self.model.lm_head(h[:, -1, :])).float()
         return logits if self.vocab_limit is None else logits[:, : self.vocab_limit]
 
     def logits(self, seqs: torch.Tensor) -> torch.Tensor:
