@@ -7,8 +7,8 @@ import pytest
 import torch
 from serving import gpt2_tokenizer, tiny_model
 
-from smallgpt.generate import generate, generate_text
-from smallgpt.serve.engine import Choice, Engine, Request, SamplingParams
+from smallgpt.generate import generate
+from smallgpt.serve.engine import Choice, Engine, Request, SamplingParams, sample_rows
 
 TEXTS = ["Hello world", "The cat sat on the", "Once upon a time there was", "a",
          "ROMEO: what light through yonder", "1 2 3 4", "To be, or not", "It was the best",
@@ -113,17 +113,36 @@ def test_one_at_a_time_gives_the_same_tokens(model, tok) -> None:  # type: ignor
     assert [c[0].token_ids for c in serial] == [c[0].token_ids for c in batched]
 
 
-def test_seeded_sampling_matches_generate_text_and_ignores_the_batch(model, tok) -> None:  # type: ignore[no-untyped-def]
+def test_seeded_sampling_is_the_same_alone_and_in_a_mixed_batch(model, tok) -> None:  # type: ignore[no-untyped-def]
     ps = prompts(tok, 6)
     params = SamplingParams(max_tokens=20, temperature=0.9, top_k=50, top_p=0.95, seed=11)
-    mixed = [Request([p], params if i % 2 == 0 else SamplingParams(max_tokens=15, temperature=0))
-             for i, p in enumerate(ps)]
-    got, _ = run(model, tok, mixed)
+    others = [SamplingParams(max_tokens=15, temperature=0),
+              SamplingParams(max_tokens=25, temperature=1.3, min_p=0.1, seed=2),
+              SamplingParams(max_tokens=9, temperature=0.9, top_k=50, top_p=0.95, seed=4,
+                             repetition_penalty=1.5)]
+    mixed = [Request([p], params if i % 2 == 0 else others[i // 2]) for i, p in enumerate(ps)]
+    got, stats = run(model, tok, mixed)
+    assert stats["peak_running"] == 6
     for i in range(0, 6, 2):
-        ref = generate_text(model, torch.tensor([ps[i]]), 20, decode_bytes=tok.decode_bytes,
-                            temperature=0.9, top_k=50, top_p=0.95, seed=11,
-                            vocab_limit=tok.vocab_size, eos_token_id=tok.eot_id)[0]
-        assert got[i][0].text == ref
+        (alone,), _ = run(model, tok, [Request([ps[i]], params)])
+        assert got[i][0].token_ids == alone[0].token_ids
+        assert len(set(alone[0].token_ids)) > 5  # sampled, not stuck on one token
+
+
+def test_sample_rows_inverts_the_cumulative_distribution() -> None:
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3], [0.0, 0.0, 1.0, 0.0], [0.25, 0.25, 0.25, 0.25]])
+    u = torch.tensor([0.05, 0.0, 0.999999])
+    assert sample_rows(probs, u).tolist() == [0, 2, 3]
+    assert sample_rows(probs, torch.tensor([0.1, 0.5, 0.5])).tolist() == [2, 2, 2]
+    # Rounding at the top end never lands on a token of probability 0.
+    tail = torch.tensor([[0.5, 0.5, 0.0, 0.0]])
+    assert sample_rows(tail, torch.tensor([1.0 - 1e-17])).tolist() == [1]
+    # Evenly spaced uniforms reproduce the distribution to within their spacing.
+    n = 10000
+    row = torch.softmax(torch.randn(50, generator=torch.Generator().manual_seed(0)), dim=0)
+    picks = sample_rows(row.expand(n, -1), (torch.arange(n) + 0.5) / n)
+    freq = torch.bincount(picks, minlength=50).double() / n
+    assert (freq - row.double()).abs().max() <= 1.0 / n + 1e-9
 
 
 def test_choices_of_one_prompt_differ_and_each_is_reproducible(model, tok) -> None:  # type: ignore[no-untyped-def]

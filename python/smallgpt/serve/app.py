@@ -173,6 +173,12 @@ class _Completion:
         self.created = int(time.time())
         self.echo = bool(r.echo)
         self.completion_tokens = 0
+        self.finished = False
+
+    def close(self) -> None:
+        """The response is over: if the request is not, its client went away."""
+        if not self.finished:
+            self.srv.engine.abandon(self.req)
 
     def choice_json(self, c: Choice, first: bool) -> Dict[str, Any]:
         """A choice, or a chunk of one (``first``: the chunk that carries the echo)."""
@@ -206,9 +212,12 @@ class _Completion:
         left = len(choices)
         while left:
             for d in await self.req.outbox.get():
+                if d.error is not None:
+                    self.finished = True
                 _raise_error(d)
                 choices[d.index].add(d)
                 left -= d.finish_reason is not None
+        self.finished = True
         body = self.head()
         body["choices"] = [self.choice_json(c, True) for c in choices]
         body["usage"] = self.usage()
@@ -217,7 +226,9 @@ class _Completion:
     async def events(self) -> AsyncIterator[bytes]:
         """Server-sent events: a chunk per choice per batch of tokens (what piled up while
         the client was being written to goes out as one chunk), then ``[DONE]``."""
-        include_usage = bool(self.r.stream_options and self.r.stream_options.include_usage)
+        opts = self.r.stream_options
+        include_usage = bool(opts and opts.include_usage)
+        running_usage = bool(opts and opts.continuous_usage_stats)
         started = set()
         left = self.req.n_choices
         box = self.req.outbox
@@ -235,12 +246,16 @@ class _Completion:
                     chunk = self.head()
                     chunk["choices"] = [self.choice_json(merged[i], i not in started)]
                     started.add(i)
-                    if include_usage:
+                    if running_usage:
+                        chunk["usage"] = self.usage()
+                    elif include_usage:
                         chunk["usage"] = None
                     yield _sse(chunk)
         except APIError as e:
+            self.finished = True
             yield _sse(e.body())
         else:
+            self.finished = True
             if include_usage:
                 chunk = self.head()
                 chunk["choices"], chunk["usage"] = [], self.usage()
@@ -461,22 +476,21 @@ def _add_completion_routes(app: FastAPI, srv: _Server) -> None:
             raise APIError(400, str(e)) from None
         call = _Completion(srv, r, prompts, req)
         if r.stream:
-            return _EventStream(call.events(), req.cancel)
-        return await _until_disconnect(request, call.whole(), req)
+            return _EventStream(call.events(), call.close)
+        return await _until_disconnect(request, call)
 
 
-async def _until_disconnect(request: Request, work: Awaitable[Dict[str, Any]],
-                            req: EngineRequest) -> Response:
-    """Await ``work``; if the client goes first, cancel the request (freeing its slots)."""
-    task = asyncio.ensure_future(work)
+async def _until_disconnect(request: Request, call: _Completion) -> Response:
+    """The whole completion; if the client goes first, drop the request (freeing its slots)."""
+    task = asyncio.ensure_future(call.whole())
     watcher = asyncio.ensure_future(_wait_disconnect(request.receive))
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
         if not task.done():
-            req.cancel()
             task.cancel()
+        call.close()
     if task.cancelled():
         return Response(status_code=499)
     return _json(task.result())

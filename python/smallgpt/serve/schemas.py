@@ -47,9 +47,11 @@ class _Strict(BaseModel):
 
 
 class StreamOptions(_Strict):
-    """``stream_options``: ``include_usage`` adds a last chunk with the token counts."""
+    """``stream_options``: ``include_usage`` adds a last chunk with the token counts;
+    ``continuous_usage_stats`` (vLLM's extension) puts the counts so far in every chunk."""
 
     include_usage: bool = False
+    continuous_usage_stats: bool = False
 
 
 class CompletionRequest(_Strict):
