@@ -387,7 +387,9 @@ def _add_info_routes(app: FastAPI, srv: _Server) -> None:
 
     @app.get("/health")
     async def health() -> Response:
-        return _json({"status": "ok", **srv.engine.stats()})
+        alive = srv.engine.alive
+        return _json({"status": "ok" if alive else "error", **srv.engine.stats()},
+                     200 if alive else 503)
 
     def model_obj() -> Dict[str, Any]:
         return {"id": srv.name, "object": "model", "created": srv.created,
@@ -471,6 +473,9 @@ def _add_completion_routes(app: FastAPI, srv: _Server) -> None:
         srv.check_context(prompts, params.max_tokens)
         echo = bool(r.echo) and (params.logprobs is not None or params.max_tokens == 0)
         req = EngineRequest.for_asyncio([p.ids for p in prompts], params, n, echo=echo)
+        if not srv.engine.alive:
+            raise APIError(503, "the model's engine is not running (see the server's log)",
+                           type="server_error")
         try:
             srv.engine.submit(req)
         except ValueError as e:

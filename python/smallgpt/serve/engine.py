@@ -358,6 +358,11 @@ class Engine:
             self._thread.join(timeout)
             self._thread = None
 
+    @property
+    def alive(self) -> bool:
+        """Whether the scheduler thread is running."""
+        return self._thread is not None and self._thread.is_alive()
+
     def submit(self, req: Request) -> None:
         """Queue a request (checked here: ``ValueError`` for what the model cannot run)."""
         self.check(req.prompts, req.params, req.n, req.echo)
