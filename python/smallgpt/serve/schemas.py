@@ -21,7 +21,7 @@ __all__ = ["APIError", "CompletionRequest", "DetokenizeRequest", "TokenizeReques
 MAX_N = 16
 MAX_CHOICES = 512  # prompts x n in one request
 MAX_LOGPROBS = 20
-MAX_STOP = 4  # OpenAI's limit
+MAX_STOP = 16  # OpenAI allows 4; lm-eval may send more (its stop words plus the eos text)
 
 
 class APIError(Exception):
