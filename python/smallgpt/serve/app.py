@@ -243,6 +243,7 @@ class _Completion:
                     _raise_error(d)
                     merged.setdefault(d.index, Choice(d.index)).add(d)
                     left -= d.finish_reason is not None
+                self.finished = left == 0  # a client leaving now has all its tokens
                 for i in sorted(merged):
                     chunk = self.head()
                     chunk["choices"] = [self.choice_json(merged[i], i not in started)]
@@ -256,7 +257,6 @@ class _Completion:
             self.finished = True
             yield _sse(e.body())
         else:
-            self.finished = True
             if include_usage:
                 chunk = self.head()
                 chunk["choices"], chunk["usage"] = [], self.usage()
