@@ -44,6 +44,10 @@ import sys, zipfile
 with zipfile.ZipFile(sys.argv[1]) as z:
     sos = [n for n in z.namelist() if n.endswith(".so")]
     assert sos == ["smallgpt/_bpe.abi3.so"], sos
+    # Data files the package reads at run time: the quickstart text, presets, the playground.
+    for name in ("smallgpt/assets/tinyshakespeare.txt", "smallgpt/presets/shakespeare-cpu.toml",
+                 "smallgpt/serve/static/index.html"):
+        assert name in z.namelist(), f"{name} is missing from the wheel"
     z.extract(sos[0], sys.argv[2])
 EOF
 so=$work/so/smallgpt/_bpe.abi3.so

@@ -21,7 +21,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Iterator, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -270,6 +270,19 @@ class KVCache:
         self.k[:, :, :, :p] = self.k[:, index, :, :p]
         self.v[:, :, :, :p] = self.v[:, index, :, :p]
 
+    def rows(self, start: int, stop: int) -> KVCache:
+        """A cache of sequences ``start .. stop - 1`` that shares this one's storage.
+
+        Writes through the view land in this cache; the view has its own ``pos`` (0). A
+        server keeps one cache of many slots and prefills or decodes a few rows at a time.
+        """
+        if not 0 <= start < stop <= self.batch_size:
+            raise ValueError(f"rows {start}..{stop} out of a cache of {self.batch_size}")
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
+        view.pos = 0
+        return view
+
 
 def _rope_tables(config: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
     half = config.head_dim // 2
@@ -343,15 +356,47 @@ def _attend(qkv: torch.Tensor, cfg: GPTConfig, rope: tuple[torch.Tensor, torch.T
     return y.transpose(1, 2).reshape(B, T, -1)
 
 
+@dataclass
+class RowPositions:
+    """Where each sequence of a decoding batch stands, when they stand at different places.
+
+    Row ``i`` writes its new key and value at position ``pos[i]`` and attends to its first
+    ``pos[i] + 1`` positions (``mask``: ``(B, 1, 1, span)``, ``span = max(pos) + 1``). Made by
+    :meth:`GPT.decode_step` from ``positions=``.
+    """
+
+    pos: torch.Tensor
+    rows: torch.Tensor
+    mask: torch.Tensor
+
+    @classmethod
+    def build(cls, positions: Sequence[int], device: torch.device) -> RowPositions:
+        """From one position per row (plain ints, so no device sync is needed for ``span``)."""
+        pos = torch.tensor(list(positions), dtype=torch.long, device=device)
+        span = max(positions) + 1
+        mask = torch.arange(span, device=device)[None, :] <= pos[:, None]
+        return cls(pos, torch.arange(len(pos), device=device), mask[:, None, None, :])
+
+
 def _attend_one(qkv: torch.Tensor, cfg: GPTConfig,
                 rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache,
-                layer: int) -> torch.Tensor:
+                layer: int, rows: RowPositions | None = None) -> torch.Tensor:
     """:func:`_attend` for one new position per sequence (``qkv``: ``(B, 3, H, D)``): the same
     operations with fewer of them, since decoding a token at a time pays per op. The one
-    query may see every cached key, so no mask is needed."""
+    query may see every cached key, so no mask is needed, unless the rows stand at different
+    positions (``rows``): then each writes at its own position and a mask hides the positions
+    past it."""
     B = qkv.shape[0]
-    pos = cache.pos
     qk = _qk(qkv[:, :2], cfg, rope)
+    if rows is not None:
+        span = rows.mask.shape[-1]
+        k_layer, v_layer = cache.k[layer], cache.v[layer]
+        k_layer[rows.rows, :, rows.pos] = qk[:, 1]
+        v_layer[rows.rows, :, rows.pos] = qkv[:, 2]
+        y = F.scaled_dot_product_attention(qk[:, 0, :, None], k_layer[:, :, :span],
+                                           v_layer[:, :, :span], attn_mask=rows.mask)
+        return y.view(B, 1, -1)
+    pos = cache.pos
     cache.k[layer, :, :, pos] = qk[:, 1]
     cache.v[layer, :, :, pos] = qkv[:, 2]
     y = F.scaled_dot_product_attention(qk[:, 0, :, None], cache.k[layer, :, :, : pos + 1],
@@ -367,6 +412,7 @@ def block_forward(
     cache: KVCache | None = None,
     layer: int = 0,
     dropout_p: float = 0.0,
+    rows: RowPositions | None = None,
 ) -> torch.Tensor:
     """One pre-norm transformer block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
 
@@ -374,13 +420,14 @@ def block_forward(
     decoding (:meth:`GPT.decode_step`) all run it. It calls the functional ops on the weights
     directly, since at one token per step a small model's time goes to per-op and per-module
     overhead, not arithmetic. ``dropout_p`` is applied to attention weights and to both
-    residual branches (pass 0 outside training).
+    residual branches (pass 0 outside training). ``rows``: one-token decoding of sequences
+    that stand at different positions (see :class:`RowPositions`).
     """
     B, T, C = x.shape
     H, D = cfg.n_head, cfg.head_dim
     qkv = F.linear(_norm(x, p.ln1_w, p.ln1_b, cfg), p.qkv_w, p.qkv_b)
     if cache is not None and T == 1:
-        y = _attend_one(qkv.view(B, 3, H, D), cfg, rope, cache, layer)
+        y = _attend_one(qkv.view(B, 3, H, D), cfg, rope, cache, layer, rows)
     else:
         y = _attend(qkv.view(B, T, 3, H, D), cfg, rope, cache, layer, dropout_p)
     y = F.linear(y, p.o_w, p.o_b)
@@ -754,7 +801,8 @@ class GPT(nn.Module):
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
     def decode_step(
-        self, idx: torch.Tensor, cache: KVCache, plan: DecodePlan | None = None
+        self, idx: torch.Tensor, cache: KVCache, plan: DecodePlan | None = None,
+        positions: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """Logits ``(B, vocab_size)`` of the next token after one new token per sequence.
 
@@ -763,11 +811,18 @@ class GPT(nn.Module):
         once by :meth:`decode_plan` (an ``nn.Module`` attribute lookup costs about a
         microsecond, and a step needs dozens), without module calls. Inference only (no
         dropout, no autograd).
+
+        ``positions`` (one int per row) decodes sequences of different lengths together, as
+        a server batching requests does: row ``i``'s token goes to position ``positions[i]``
+        and sees the cache's first ``positions[i]`` positions of that row; ``cache.pos`` is
+        neither read nor advanced (the caller keeps each row's length).
         """
         B = idx.shape[0]
-        pos = cache.pos
         if idx.shape != (B, 1) or cache.batch_size != B:
             raise ValueError(f"decode_step takes (batch, 1) ids for a cache of {cache.batch_size}")
+        if positions is not None:
+            return self._decode_rows(idx, cache, plan or self.decode_plan(), positions)
+        pos = cache.pos
         if pos >= cache.max_len:
             raise ValueError(f"the cache is full ({cache.max_len} positions)")
         cfg = self.config
@@ -784,6 +839,34 @@ class GPT(nn.Module):
         cache.pos = pos + 1
         x = _norm(x[:, 0], plan.lnf_w, plan.lnf_b, cfg)
         return self._softcap(F.linear(x, plan.head))
+
+    def _decode_rows(self, idx: torch.Tensor, cache: KVCache, plan: DecodePlan,
+                     positions: Sequence[int]) -> torch.Tensor:
+        """:meth:`decode_step` for rows at their own positions."""
+        B = idx.shape[0]
+        if len(positions) != B:
+            raise ValueError(f"positions has {len(positions)} entries for {B} rows")
+        if min(positions) < 0 or max(positions) >= cache.max_len:
+            raise ValueError(f"positions must be in [0, {cache.max_len}), got "
+                             f"{min(positions)}..{max(positions)}")
+        cfg = self.config
+        rows = RowPositions.build(positions, idx.device)
+        x = F.embedding(idx, plan.wte)
+        rope = None
+        if plan.wpe is not None:
+            x = x + plan.wpe[rows.pos][:, None]
+        else:  # (B, 1, 1, head_dim / 2) broadcast over (B, 2, H, head_dim / 2)
+            assert plan.rope_cos is not None and plan.rope_sin is not None
+            rope = (plan.rope_cos[rows.pos][:, None, None], plan.rope_sin[rows.pos][:, None, None])
+        for i, layer in enumerate(plan.layers):
+            x = block_forward(layer, x, cfg, rope, cache, i, rows=rows)
+        x = _norm(x[:, 0], plan.lnf_w, plan.lnf_b, cfg)
+        return self._softcap(F.linear(x, plan.head))
+
+    def head_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits from final hidden states (:meth:`hidden_states`): the output head, then the
+        soft cap when the config has one; what :meth:`forward` returns for the same ``h``."""
+        return self._softcap(self.lm_head(h))
 
     def decode_plan(self) -> DecodePlan:
         """The parameters :meth:`decode_step` reads, gathered into flat lists once. Valid until
