@@ -320,26 +320,20 @@ def _check_options(
         raise CorpusError("special tokens must be distinct and non-empty")
 
 
-def _tokenize(
-    files: Sequence[Path],
+def _resolve_tokenizer(
     sources: Any,
-    out: Path,
-    existing: Sequence[Path],
-    *,
     tokenizer: Union[Tokenizer, PathLike, None],
     gpt2_dir: Optional[PathLike],
     vocab_size: Optional[int],
     pattern: Optional[str],
     special_tokens: Optional[Sequence[str]],
     max_token_length: Optional[int],
-    val_fraction: float,
-    shard_tokens: int,
-    dtype: str,
     workers: Optional[int],
     errors: str,
     progress: bool,
-) -> dict[str, Any]:
-
+) -> Tokenizer:
+    """The tokenizer of a run: given, loaded from a file or GPT-2's files, or trained on the
+    sources."""
     tok: Tokenizer
     if isinstance(tokenizer, Tokenizer):
         tok = tokenizer
@@ -365,6 +359,31 @@ def _tokenize(
         first = 256 + len(merges)
         specials = [(s, first + i) for i, s in enumerate(names)]
         tok = Tokenizer(_bpe.CoreTokenizer.from_merges(merges, pattern, specials))
+    return tok
+
+
+def _tokenize(
+    files: Sequence[Path],
+    sources: Any,
+    out: Path,
+    existing: Sequence[Path],
+    *,
+    tokenizer: Union[Tokenizer, PathLike, None],
+    gpt2_dir: Optional[PathLike],
+    vocab_size: Optional[int],
+    pattern: Optional[str],
+    special_tokens: Optional[Sequence[str]],
+    max_token_length: Optional[int],
+    val_fraction: float,
+    shard_tokens: int,
+    dtype: str,
+    workers: Optional[int],
+    errors: str,
+    progress: bool,
+) -> dict[str, Any]:
+
+    tok = _resolve_tokenizer(sources, tokenizer, gpt2_dir, vocab_size, pattern,
+                             special_tokens, max_token_length, workers, errors, progress)
     eot = tok.eot_id
     if eot is None:
         raise CorpusError(f"the tokenizer has no {EOT} token to separate documents")
