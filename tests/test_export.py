@@ -209,10 +209,14 @@ def test_out_folder_rules(tmp_path: Path, small_tok: Tokenizer,
     assert main([str(tmp_path / "run2"), "--huggingface", str(out)]) == 2
     assert_one_line_error(capsys.readouterr().err, "not empty")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    (out / "stray.txt").write_text("x")  # --overwrite replaces the folder whole
+    (out / "stray.txt").write_text("x")  # --overwrite replaces only a model folder
+    assert main([str(tmp_path / "run2"), "--huggingface", str(out), "--overwrite"]) == 2
+    assert_one_line_error(capsys.readouterr().err, "stray.txt")
+    (out / "stray.txt").unlink()
+    (out / "generation_config.json").write_text("{}")  # a model folder's file: replaced
     assert main([str(tmp_path / "run2"), "--huggingface", str(out), "--overwrite"]) == 0
     capsys.readouterr()
-    assert not (out / "stray.txt").exists()
+    assert not (out / "generation_config.json").exists()
     assert json.loads((out / "config.json").read_text())["n_layer"] == 1
     assert leftovers(tmp_path) == []
     (tmp_path / "afile").write_text("x")

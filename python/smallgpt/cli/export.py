@@ -134,8 +134,9 @@ def _check_out(out: Path, overwrite: bool, source: PathLike) -> None:
     if foreign:
         from smallgpt.checkpoint import RunFolder
 
-        what = "a smallgpt run" if RunFolder(out).run_files() else "files a model folder does " \
-            "not hold"
+        run = RunFolder(out)
+        is_run = run.metrics.exists() or run.latest.exists() or bool(run.numbered())
+        what = "a smallgpt run" if is_run else "files a model folder does not hold"
         raise ExportError(f"--overwrite replaces only a model folder, but {out} holds {what} "
                           f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
                           "choose another folder")
@@ -151,9 +152,11 @@ def export_huggingface(source: PathLike, out: PathLike, *, overwrite: bool = Fal
         ExportError: GPT-2 cannot represent the model; ``out`` is a file, or not empty
             without ``overwrite``. Nothing is written in these cases.
     """
-    from smallgpt.checkpoint import load_model
+    from smallgpt.checkpoint import CheckpointError, load_model
 
     out = Path(out)
+    if not Path(source).exists():
+        raise CheckpointError(f"checkpoint not found: {source}")
     _check_out(out, overwrite, source)
     loaded = load_model(source, gpt2_vocab)
     problems = gpt2_incompatibilities(loaded.model.config)
