@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import gc
+import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benches"))
-
-import harness  # noqa: E402
+# Loaded from its file: putting benches/ on sys.path would let its modules shadow others.
+_spec = importlib.util.spec_from_file_location(
+    "bench_harness", Path(__file__).resolve().parents[1] / "benches" / "harness.py"
+)
+assert _spec is not None and _spec.loader is not None
+harness = importlib.util.module_from_spec(_spec)
+sys.modules["bench_harness"] = harness  # dataclasses look their module up by name
+_spec.loader.exec_module(harness)
 
 
 def test_timed_passes_runs_each_pass_with_the_collector_off() -> None:
