@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -82,6 +83,10 @@ def _anchor_encode(path: Path) -> list:
 def arms(corpus: Path, files: List[Path], procs: int) -> Dict[str, Callable[[str], List[str]]]:
     """Each pipeline's name -> its command line, given the output folder."""
     cli = str(Path(sys.executable).parent / "smallgpt-tokenize")
+    if not os.path.exists(cli):  # e.g. a venv that sees smallgpt through its system packages
+        cli = shutil.which("smallgpt-tokenize") or ""
+    if not cli:
+        raise SystemExit("bench_tokenize: no smallgpt-tokenize command (pip install -e .)")
     return {
         "smallgpt-tokenize (Rust, all cores)": lambda out: [
             cli, *map(str, files), "--out", out, "--gpt2", str(GPT2), "--quiet", "--overwrite",
