@@ -10,9 +10,10 @@ Measures greedy decoding (batch 1, 8-token prompt) in tokens per second:
   with GPT.from_huggingface, against transformers' own generate() on the same weights (128
   greedy tokens, 32 with 4 beams), checking that both produce the same tokens.
 
-Each figure is the best of ``--repeats`` runs (decoding on a shared CPU is noisy). The table is
-printed and appended, with date, machine and command, to benches/RESULTS.md under
-"## bench_sample" (``--no-append`` to skip).
+Each figure is the best of ``--repeats`` runs (decoding on a shared CPU is noisy). Each table
+is printed and appended to benches/RESULTS.md as a run block (``harness.append_run``: "KV cache
+vs no cache" and "vs transformers, GPT-2 124M"; a ``--quick`` run's titles say so) unless
+``--no-append``.
 
     python benches/bench_sample.py                 # full run (a few minutes on 2 cores)
     python benches/bench_sample.py --quick         # smaller token counts, one repeat
@@ -21,9 +22,6 @@ printed and appended, with date, machine and command, to benches/RESULTS.md unde
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -32,22 +30,18 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "python"))
+sys.path.insert(0, str(ROOT / "benches"))
+
+import harness  # noqa: E402
 
 from smallgpt.model import GPT, GPTConfig  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-HEADING = "## bench_sample"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+SIZES_HEADER = ["model", "non-emb params", "new tokens", "no cache tok/s", "KV cache tok/s",
+                "speed-up", "same tokens in context"]
+HF_HEADER = ["model", "new tokens", "transformers tok/s", "smallgpt tok/s",
+             "smallgpt / transformers", "same tokens"]
 
 
 def best_rate(fn, n_tokens: int, repeats: int) -> tuple[float, torch.Tensor]:  # type: ignore[no-untyped-def]
@@ -169,28 +163,7 @@ def bench_vs_transformers(n: int, repeats: int) -> list[list[str]]:
     return rows
 
 
-def table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def append_results(text: str) -> None:
-    """Append ``text`` at the end of the bench_sample section (created if missing)."""
-    old = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n"
-    if HEADING not in old:
-        new = old.rstrip("\n") + f"\n\n{HEADING}\n\n{text}\n"
-    else:
-        start = old.index(HEADING) + len(HEADING)
-        nxt = old.find("\n## ", start)
-        end = len(old) if nxt < 0 else nxt + 1
-        new = old[:end].rstrip("\n") + f"\n\n{text}\n" + ("\n" + old[end:] if nxt >= 0 else "")
-    tmp = RESULTS.with_suffix(".md.tmp")
-    tmp.write_text(new, encoding="utf-8")
-    os.replace(tmp, RESULTS)
-
-
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
         "--threads", type=int, default=0, help="torch threads (default: torch's choice)"
@@ -198,72 +171,41 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="64/256 tokens, one repeat")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
-    ap.add_argument("--no-append", action="store_true", help="do not write benches/RESULTS.md")
-    args = ap.parse_args()
+    ap.add_argument("--no-append", "--no-record", dest="no_append", action="store_true",
+                    help="print only; do not write benches/RESULTS.md")
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats = 1 if args.quick else args.repeats
     lengths = [64, 256] if args.quick else [256, 1024]
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    extra = {"Load average at start": harness.load_average()}
 
     print("model | params | new tokens | no cache tok/s | cache tok/s | speed-up | same tokens")
     size_rows = bench_sizes(lengths, repeats)
     hf_rows: list[list[str]] = []
     if not args.no_hf:
+        import transformers
+
+        extra["transformers"] = transformers.__version__
         print("model | new tokens | transformers tok/s | smallgpt tok/s | ratio | same tokens")
         hf_rows = bench_vs_transformers(64 if args.quick else 128, repeats)
 
-    import transformers
-
-    stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    machine = (
-        f"{cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
-        f"({torch.get_num_threads()} thread(s)), transformers {transformers.__version__}, "
-        f"load average {load:.1f} at start"
-    )
-    cmd = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
-    parts = [
-        f"### {stamp}",
-        "",
-        f"Machine: {machine}.  ",
-        f"Command: `{cmd}`.  ",
-        f"Greedy decoding, batch 1, 8-token prompt; best of {repeats} run(s) with the cache, "
-        f"fewer without it and for transformers (at most 2).",
-        "",
-        table(
-            [
-                "model",
-                "non-emb params",
-                "new tokens",
-                "no cache tok/s",
-                "KV cache tok/s",
-                "speed-up",
-                "same tokens in context",
-            ],
-            size_rows,
-        ),
-    ]
+    suffix = " (quick smoke test)" if args.quick else ""
+    blocks = [("KV cache vs no cache", harness.md_table(SIZES_HEADER, size_rows) + (
+        f"\n\nGreedy decoding, batch 1, 8-token prompt; best of {repeats} run(s) with the "
+        "cache, fewer without it (one past 256 new tokens)."))]
     if hf_rows:
-        parts += [
-            "",
-            table(
-                [
-                    "model",
-                    "new tokens",
-                    "transformers tok/s",
-                    "smallgpt tok/s",
-                    "smallgpt / transformers",
-                    "same tokens",
-                ],
-                hf_rows,
-            ),
-        ]
-    text = "\n".join(parts)
-    print()
-    print(text)
-    if not args.no_append:
-        append_results(text)
-        print(f"\nappended to {RESULTS}")
+        blocks.append(("vs transformers, GPT-2 124M", harness.md_table(HF_HEADER, hf_rows) + (
+            f"\n\nRandomly initialised GPT-2 small (transformers' GPT2LMHeadModel) loaded with "
+            f"GPT.from_huggingface; batch 1, 8-token prompt; best of {min(repeats, 2)} run(s) "
+            "each.")))
+    for title, body in blocks:
+        harness.append_run("bench_sample", title + suffix, body, extra=extra,
+                           record=not args.no_append)
 
 
 if __name__ == "__main__":

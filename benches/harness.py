@@ -13,21 +13,31 @@ appends one *run block* to ``benches/RESULTS.md`` through :func:`append_run`. A 
 Blocks are only ever appended: a correction is a new run. The newest block of each
 ``(bench, title)`` is the current figure (``docs/results.md`` is generated from those by
 ``benches/results_page.py``); older ones are kept as the record.
+
+For the measurements themselves: :func:`timed_passes` times repeated calls in this process the
+way ``timeit`` does, and :func:`run_measured` runs a command in a fresh process and reports its
+wall time and its own peak RSS.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import gc
 import json
+import math
 import os
 import platform
 import re
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benches" / "RESULTS.md"
@@ -171,6 +181,105 @@ def append_run(bench: str, title: str, body: str, *, threads: Optional[int] = No
         tmp.write_text(old.rstrip("\n") + "\n\n" + block, encoding="utf-8")
         os.replace(tmp, results)
     return block
+
+
+def log(msg: str) -> None:
+    """Progress on stderr (stdout carries the tables)."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def timed_passes(fn: Callable[[], Any], repeats: int,
+                 budget_s: float = math.inf) -> Tuple[List[float], Any]:
+    """Runs ``fn`` ``repeats`` times (fewer once ``budget_s`` is spent, at least once).
+
+    Returns the seconds of each pass and the last pass's output. As ``timeit`` does, the cyclic
+    garbage collector is off while a pass runs, and the previous pass's output is freed (and
+    collected) before the clock starts: otherwise a pass that returns tens of thousands of
+    lists spends a quarter or more of its time in the collector walking those lists (and the
+    previous pass's), a cost that is the same for every library and hides the measured one.
+    """
+    times: List[float] = []
+    out: Any = None
+    start = time.perf_counter()
+    for _ in range(repeats):
+        out = None
+        gc.collect()
+        gc.disable()
+        try:
+            t0 = time.perf_counter()
+            out = fn()
+            times.append(time.perf_counter() - t0)
+        finally:
+            gc.enable()
+        if time.perf_counter() - start > budget_s:
+            break
+    return times, out
+
+
+# Linux starts a process's ru_maxrss at the RSS high-water mark of the process whose memory it
+# was cloned from (fork, or vfork before exec), so a command started by a large bench process
+# would report at least that process's peak. Commands are therefore started by this tiny
+# launcher (python -S, ~8 MiB RSS: the floor), which takes the command's peak RSS from
+# os.wait4 (ru_maxrss, KiB; the largest of the command and the children it waited for) and
+# writes it to argv[1].
+LAUNCHER = """
+import os, sys
+out, argv = sys.argv[1], sys.argv[2:]
+pid = os.posix_spawnp(argv[0], argv, os.environ)
+_, status, usage = os.wait4(pid, 0)
+with open(out, "w") as f:
+    f.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+@dataclass
+class Measured:
+    """What :func:`run_measured` saw of one command."""
+
+    returncode: Optional[int]  #: None when the command was stopped at the timeout
+    peak_mib: float  #: its own peak RSS in MiB (nan if unknown)
+    wall_s: float  #: from start to exit, process start included
+    stderr_tail: str  #: its last three lines of stderr, joined by " | "
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+    @property
+    def error(self) -> Optional[str]:
+        """None after a clean exit, else one line saying what went wrong."""
+        if self.returncode is None:
+            return "timeout"
+        return None if self.ok else f"exit {self.returncode}: {self.stderr_tail}"
+
+
+def run_measured(cmd: Sequence[str], timeout_s: Optional[float] = None,
+                 env: Optional[Mapping[str, str]] = None) -> Measured:
+    """Runs ``cmd`` in a fresh process (through :data:`LAUNCHER`): wall time and peak RSS.
+
+    Its stdout is discarded and its stderr kept for the error line. The command and the
+    launcher get their own process group, so a timeout kills both (and the command's children).
+    """
+    with tempfile.TemporaryDirectory(prefix="bench_run_") as tmp:
+        rss_path = os.path.join(tmp, "maxrss")
+        err_path = os.path.join(tmp, "stderr.txt")
+        full = [sys.executable, "-S", "-c", LAUNCHER, rss_path, *cmd]
+        t0 = time.perf_counter()
+        with open(err_path, "wb") as err:
+            proc = subprocess.Popen(full, stdout=subprocess.DEVNULL, stderr=err,
+                                    env=None if env is None else dict(env),
+                                    start_new_session=True)
+            try:
+                returncode: Optional[int] = proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                returncode = None
+        wall = time.perf_counter() - t0
+        rss = Path(rss_path).read_text().strip() if os.path.exists(rss_path) else ""
+        tail = Path(err_path).read_text(errors="replace").strip().splitlines()[-3:]
+    return Measured(returncode, int(rss) / 1024.0 if rss else math.nan, wall, " | ".join(tail))
 
 
 def parse_runs(text: str) -> List[Tuple[Dict[str, str], str]]:
