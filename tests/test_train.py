@@ -649,20 +649,33 @@ def test_ddp_code_path_with_one_process(tmp_path: Path, data_dir: Path) -> None:
         torch.testing.assert_close(a.model[k], b.model[k], rtol=1e-6, atol=1e-7)
 
 
-def test_fsdp_two_gloo_processes_match_ddp_and_resume(tmp_path: Path, data_dir: Path) -> None:
+def test_fsdp2_with_muon_resumes_under_fsdp2_ddp_and_one_process(tmp_path: Path,
+                                                                  data_dir: Path) -> None:
+    """FSDP2 with 2 gloo processes, Muon on its sharded (DTensor) block matrices: the losses of
+    one process over the same global batch; its checkpoint (full tensors) resumes under FSDP2,
+    under DDP and in one process, each continuing the straight run."""
+    import shutil
+
     base = {"eval_interval": 2, "save_interval": 0, "data__batch_size": 4,
-            "data__micro_batch_size": 1}
+            "data__micro_batch_size": 1, "optim__name": "muon", "optim__decay_steps": 4}
     _spawn(tmp_path, tiny_cfg(tmp_path / "fsdp", data_dir, max_steps=2, parallel="fsdp",
                               **base))
+    for name in ("ddp", "one"):
+        shutil.copytree(tmp_path / "fsdp", tmp_path / name)
     _spawn(tmp_path, tiny_cfg(tmp_path / "fsdp", data_dir, max_steps=4, parallel="fsdp",
                               **base), job="resume")
-    _spawn(tmp_path, tiny_cfg(tmp_path / "ddp", data_dir, max_steps=4, **base))
-    la = [r["loss"] for r in read_metrics(tmp_path / "fsdp") if "loss" in r]
-    lb = [r["loss"] for r in read_metrics(tmp_path / "ddp") if "loss" in r]
-    assert len(la) == len(lb) == 4
-    assert la == pytest.approx(lb, rel=1e-4)
-    a = load_checkpoint(tmp_path / "fsdp" / "ckpt_latest.pt")
-    b = load_checkpoint(tmp_path / "ddp" / "ckpt_latest.pt")
-    assert a.step == 4 and a.model.keys() == b.model.keys()
-    for k in a.model:  # full (unsharded) tensors in the checkpoint
-        torch.testing.assert_close(a.model[k], b.model[k], rtol=1e-3, atol=1e-5)
+    _spawn(tmp_path, tiny_cfg(tmp_path / "ddp", data_dir, max_steps=4, parallel="ddp",
+                              **base), job="resume")
+    train(tiny_cfg(tmp_path / "one", data_dir, max_steps=4, **base), resume=True)
+    train(tiny_cfg(tmp_path / "straight", data_dir, max_steps=4, **base))
+    ref = [r["loss"] for r in read_metrics(tmp_path / "straight") if "loss" in r]
+    b = load_checkpoint(tmp_path / "straight" / "ckpt_latest.pt")
+    assert len(ref) == 4
+    for name in ("fsdp", "ddp", "one"):
+        got = [r["loss"] for r in read_metrics(tmp_path / name) if "loss" in r]
+        assert got == pytest.approx(ref, rel=1e-4), name
+        a = load_checkpoint(tmp_path / name / "ckpt_latest.pt")
+        assert a.step == 4 and a.model.keys() == b.model.keys()
+        for k in a.model:  # full (unsharded) tensors in the checkpoint
+            torch.testing.assert_close(a.model[k], b.model[k], rtol=1e-3, atol=1e-5)
+    assert load_checkpoint(tmp_path / "ddp" / "ckpt_latest.pt").trainer["world_size"] == 2
