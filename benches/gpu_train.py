@@ -69,7 +69,8 @@ def train_args(preset: str, compile_: bool, data: Path, out: Path, steps: int, s
     args = ["--preset", preset, "--data", str(data), "--out", str(out), "--overwrite",
             "--max-steps", str(steps), "--max-time", str(seconds), "--log-interval", "1",
             "--eval-interval", "0", "--set", "save_interval=0", "--set",
-            "data.final_eval_full=false", "--set", "data.eval_tokens=65536", "--set",
+            "data.final_eval_full=false", "--set",
+            f"data.eval_tokens={1024 if dry_run else 65536}", "--set",
             f"compile={'true' if compile_ else 'false'}", "--no-plot", "--no-progress"]
     if dry_run:
         return args + DRY_SHAPE

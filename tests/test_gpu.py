@@ -132,22 +132,12 @@ def test_resume_on_cuda(tmp_path: Path, data_dir: Path) -> None:
     assert losses(tmp_path / "halves") == pytest.approx(losses(tmp_path / "straight"), rel=1e-4)
 
 
-def test_compile_and_fused_adamw(tmp_path: Path, data_dir: Path) -> None:
-    cfg = gpu_cfg(tmp_path / "c", data_dir, max_steps=5, eval_interval=0, compile=True)
-    t = Trainer(cfg)
-    assert all(opt.defaults.get("fused") for opt in t.optimizers)
-    t.fit()
-    t.close()
-    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32)).cuda()
-    from smallgpt.config import OptimSection
-
-    muon, adamw = build_optimizers(model, OptimSection(name="muon"), torch.device("cuda"))
-    assert adamw.defaults.get("fused")
-
-
-def test_ddp_over_a_compiled_model(tmp_path: Path, data_dir: Path) -> None:
-    """DDP(torch.compile(model)), as the trainer wraps it, trains like the eager model."""
+def test_ddp_over_a_compiled_model_with_fused_adamw(tmp_path: Path, data_dir: Path) -> None:
+    """DDP(torch.compile(model)), as the trainer wraps it, with fused AdamW (Muon's AdamW
+    half too) trains like the eager model."""
     from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from smallgpt.config import OptimSection
 
     extra = {"max_steps": 4, "eval_interval": 0, "save_interval": 0, "dtype": "float32",
              "parallel": "ddp"}
@@ -155,11 +145,15 @@ def test_ddp_over_a_compiled_model(tmp_path: Path, data_dir: Path) -> None:
     try:
         assert isinstance(t.train_module, DDP)
         assert isinstance(t.train_module.module, torch._dynamo.eval_frame.OptimizedModule)
+        assert all(opt.defaults.get("fused") for opt in t.optimizers)
         t.fit()
     finally:
         t.close()
     train(gpu_cfg(tmp_path / "eager", data_dir, **extra))
     assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-3)
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32)).cuda()
+    muon, adamw = build_optimizers(model, OptimSection(name="muon"), torch.device("cuda"))
+    assert adamw.defaults.get("fused")
 
 
 def test_fused_adamw_matches_the_unfused_update(no_tf32: None) -> None:
