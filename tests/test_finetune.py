@@ -160,7 +160,7 @@ def test_finetune_cli_lowers_the_loss_and_leaves_a_normal_run(
     from smallgpt.cli.sample import main as sample_main
 
     assert sample_main(["--checkpoint", str(out), "--prompt", "The", "--max-new-tokens", "4",
-                        "--seed", "0", "--no-stream"]) == 0
+                        "--seed", "0", "--no-stream", "--device", "cpu"]) == 0
     assert capsys.readouterr().out.startswith("The")
     assert train_main(["--resume", "--out", str(out), "--max-steps", "10", *CPU]) == 0
     capsys.readouterr()
