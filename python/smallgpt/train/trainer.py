@@ -152,9 +152,10 @@ class Trainer:
         wrapped = wrap_model(self.model, self.dist) if self.dist.mode == "fsdp" else self.model
         self.optimizers = [] if self.eval_only else \
             build_optimizers(self.model, cfg.optim, self.device)
-        # fp16 gradients underflow without loss scaling (bf16 and fp32 have fp32's range)
-        self.scaler = torch.amp.GradScaler(self.device.type,
-                                           enabled=self.dtype == torch.float16)
+        # fp16 gradients underflow without loss scaling (bf16 and fp32 have fp32's range);
+        # resolve_dtype allows fp16 on CUDA and CPU only
+        fp16 = self.dtype == torch.float16
+        self.scaler = torch.amp.GradScaler(self.device.type if fp16 else "cpu", enabled=fp16)
         # Dropout draws from a per-rank stream.
         torch.manual_seed(cfg.seed + self.dist.rank)
         self._init_state()
