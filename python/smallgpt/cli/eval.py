@@ -75,6 +75,9 @@ def _evaluate(args: argparse.Namespace) -> Optional[dict]:
             loaded.model, loaded.tokenizer, examples, device=device, dtype=dtype,
             batch_size=args.batch_size, dist=dist,
             progress=args.progress and dist.master and sys.stderr.isatty())
+        # No rank tears the group down while another is still in it: gloo then hangs or
+        # aborts the peer at exit (seen once in 8 runs of 2 processes on torch 2.7).
+        dist.barrier()
     finally:
         dist.close()
     if not dist.master:
