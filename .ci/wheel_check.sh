@@ -37,6 +37,11 @@ case "$name" in
     *) fail "not a cp39-abi3 manylinux wheel: $name" ;;
 esac
 echo "[wheel_check +$((SECONDS - t0)) s]"
+# README's first step of the GPU check: the wheel in wheelhouse/ (git-ignored), which
+# `benches/gpu_check.sh --dry-run` (later in .ci/run) installs offline.
+mkdir -p wheelhouse
+rm -f wheelhouse/smallgpt-*.whl
+cp "$whl" wheelhouse/
 
 # 2. The extension must leave the Python C API to the interpreter that loads it.
 "$PY" - "$whl" "$work/so" <<'EOF'

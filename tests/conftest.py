@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -57,3 +59,36 @@ def make_hf_gpt2(folder: Path, seed: int = 0) -> Path:
 def hf_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """See :func:`make_hf_gpt2` (made once per test session)."""
     return make_hf_gpt2(tmp_path_factory.mktemp("hf_gpt2"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A device asked for with $SMALLGPT_TEST_DEVICE must exist: a GPU check on a machine
+    whose CUDA is broken must fail, not fall back to the CPU or skip."""
+    from helpers import device_under_test
+
+    name = device_under_test()
+    if name == "cpu":
+        return
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise pytest.UsageError(f"SMALLGPT_TEST_DEVICE={name!r} is not a device") from None
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        raise pytest.UsageError(f"SMALLGPT_TEST_DEVICE={name!r}, but this machine has no "
+                                "such device (CUDA available: "
+                                f"{torch.cuda.is_available()})")
+
+
+@pytest.fixture(autouse=True)
+def _keep_tf32_flags() -> Iterator[None]:
+    """The trainer turns TF32 matmuls on for CUDA runs (a process-wide flag): put them back
+    after each test, so that a later test's fp32 comparison is not made in TF32."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

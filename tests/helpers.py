@@ -15,6 +15,19 @@ from smallgpt.data import write_meta, write_shard
 VOCAB = 48
 
 
+def device_under_test() -> str:
+    """The device of the tests marked ``device`` (generation, sampling, evaluation,
+    fine-tuning): ``$SMALLGPT_TEST_DEVICE``, default ``cpu``. ``benches/gpu_check.sh`` runs
+    them with ``cuda``; conftest stops the session when that device is missing."""
+    return os.environ.get("SMALLGPT_TEST_DEVICE", "cpu").strip() or "cpu"
+
+
+def on_cuda() -> bool:
+    """True when the device-aware tests run on a GPU (their tolerances are looser there:
+    other kernels sum in another order)."""
+    return device_under_test().startswith("cuda")
+
+
 def synthetic_tokens(n: int, seed: int) -> np.ndarray:
     """A learnable stream: a sparse random Markov chain over VOCAB-1 symbols, eot = VOCAB-1."""
     rng = np.random.default_rng(seed)

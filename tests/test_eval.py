@@ -13,6 +13,7 @@ from typing import Any, Dict, List
 
 import pytest
 import torch
+from helpers import device_under_test, on_cuda
 
 import smallgpt
 from smallgpt.checkpoint import Checkpoint, load_model
@@ -29,6 +30,9 @@ from smallgpt.tokenizer import Tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PKG_ROOT = str(Path(smallgpt.__file__).resolve().parent.parent)
+DEVICE = device_under_test()
+# fp32 on a GPU sums in another order than on the CPU (TF32 stays off in these tests)
+REL = 1e-4 if on_cuda() else 1e-5
 
 # Hand-written, in HellaSwag's format (extra keys as in the real file are ignored).
 EXAMPLES: List[Dict[str, Any]] = [
@@ -82,6 +86,7 @@ def reference(folder: Path) -> Dict[str, Any]:
     enc = tiktoken.Encoding("gpt2-local", pat_str=openai_public.r50k_pat_str,
                             mergeable_ranks=ranks, special_tokens={"<|endoftext|>": 50256})
     model = transformers.GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32).eval()
+    model.to(DEVICE)
     preds, preds_norm, losses = [], [], []
     for ex in EXAMPLES:
         ctx = enc.encode(ex["ctx"])
@@ -93,6 +98,7 @@ def reference(folder: Path) -> Dict[str, Any]:
         for i, (r, m) in enumerate(zip(rows, masks)):
             tokens[i, : len(r)] = torch.tensor(r)
             mask[i, : len(m)] = torch.tensor(m)
+        tokens, mask = tokens.to(DEVICE), mask.to(DEVICE)
         with torch.no_grad():
             logits = model(tokens).logits
         shift = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)),
@@ -131,6 +137,7 @@ def assert_one_line_error(err: str, needle: str) -> None:
 # ---------------------------------------------------------------- against transformers
 
 
+@pytest.mark.device
 def test_matches_transformers_and_llmc_formula(hf_gpt2: Path, hs_file: Path,
                                                capsys: pytest.CaptureFixture) -> None:
     ref = reference(hf_gpt2)
@@ -138,15 +145,15 @@ def test_matches_transformers_and_llmc_formula(hf_gpt2: Path, hs_file: Path,
     examples = read_hellaswag(hs_file)
     for batch_size in (1, 3, 8):  # padding inside a batch must not change a loss
         res = evaluate_multiple_choice(loaded.model, loaded.tokenizer, examples,
-                                       device="cpu", batch_size=batch_size)
+                                       device=DEVICE, batch_size=batch_size)
         assert res.n == len(EXAMPLES)
         assert res.predictions == ref["preds"] and res.predictions_norm == ref["preds_norm"]
         for ours, theirs in zip(res.losses, ref["losses"]):
-            assert ours == [pytest.approx(t, rel=1e-5) for t in theirs]
+            assert ours == [pytest.approx(t, rel=REL) for t in theirs]
         assert (res.acc, res.acc_norm) == (pytest.approx(ref["acc"]),
                                            pytest.approx(ref["acc_norm"]))
     # the same through the command line: one JSON line, last on stdout
-    assert main(["--hellaswag", str(hs_file), "--checkpoint", str(hf_gpt2), "--device", "cpu",
+    assert main(["--hellaswag", str(hs_file), "--checkpoint", str(hf_gpt2), "--device", DEVICE,
                  "--dtype", "float32", "--batch-size", "5"]) == 0
     summary = last_json(capsys.readouterr().out)
     assert summary["n"] == 8 and summary["task"] == "hellaswag"
@@ -192,11 +199,12 @@ def test_exactly_the_ending_tokens_are_scored(hf_gpt2: Path, hs_file: Path) -> N
     assert res.acc_norm == pytest.approx(6 / 8)
 
 
+@pytest.mark.device
 def test_bfloat16_autocast_agrees(hf_gpt2: Path, hs_file: Path) -> None:
     loaded = load_model(hf_gpt2)
     examples = read_hellaswag(hs_file)
-    fp32 = evaluate_multiple_choice(loaded.model, loaded.tokenizer, examples, device="cpu")
-    bf16 = evaluate_multiple_choice(loaded.model, loaded.tokenizer, examples, device="cpu",
+    fp32 = evaluate_multiple_choice(loaded.model, loaded.tokenizer, examples, device=DEVICE)
+    bf16 = evaluate_multiple_choice(loaded.model, loaded.tokenizer, examples, device=DEVICE,
                                     dtype=torch.bfloat16)
     for a, b in zip(fp32.losses, bf16.losses):
         assert [s for s, _ in b] == [pytest.approx(s, rel=2e-2) for s, _ in a]
@@ -213,6 +221,7 @@ def test_torchrun_two_processes_equal_one(hf_gpt2: Path, hs_file: Path) -> None:
     assert two.stdout.count('"acc_norm"') == 1  # rank 0 alone prints
 
 
+@pytest.mark.device
 def test_run_folder_limit_and_progress(tmp_path: Path, hs_file: Path,
                                       capsys: pytest.CaptureFixture,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
@@ -226,14 +235,14 @@ def test_run_folder_limit_and_progress(tmp_path: Path, hs_file: Path,
     model = GPT(cfg)
     Checkpoint(cfg, model.state_dict(), tok.to_json_str()).save(tmp_path / "ckpt_latest.pt")
     assert main(["--hellaswag", str(hs_file), "--checkpoint", str(tmp_path), "--limit", "5",
-                 "--dtype", "float32", "--device", "cpu"]) == 0
+                 "--dtype", "float32", "--device", DEVICE]) == 0
     summary = last_json(capsys.readouterr().out)
-    direct = evaluate_multiple_choice(model, tok, read_hellaswag(hs_file)[:5], device="cpu")
+    direct = evaluate_multiple_choice(model, tok, read_hellaswag(hs_file)[:5], device=DEVICE)
     assert summary["n"] == 5
     assert (summary["acc"], summary["acc_norm"]) == (direct.acc, direct.acc_norm)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     args = ["--hellaswag", str(hs_file), "--checkpoint", str(tmp_path), "--batch-size", "2",
-            "--device", "cpu"]
+            "--device", DEVICE]
     assert main(args) == 0
     assert "evaluating" in capsys.readouterr().err  # 4 batches of 2 examples
     assert main([*args, "--no-progress"]) == 0
@@ -318,3 +327,28 @@ def test_entry_point_errors_without_traceback(tmp_path: Path, hf_gpt2: Path) -> 
     res = run_cli(["--checkpoint", str(hf_gpt2)])
     assert res.returncode == 2
     assert_one_line_error(res.stderr, "--hellaswag")
+
+
+@pytest.mark.device
+def test_default_dtype_is_float32_on_every_device(hf_gpt2: Path, hs_file: Path,
+                                                  monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    """smallgpt-eval scores in fp32 unless asked otherwise, on a GPU too (bf16 can flip a
+    choice between two close endings); --dtype auto is the trainer's choice."""
+    import smallgpt.evaluate
+    from smallgpt.train.hardware import resolve_dtype
+
+    seen: List[torch.dtype] = []
+    real = smallgpt.evaluate.evaluate_multiple_choice
+
+    def spy(*args: Any, **kw: Any) -> Any:
+        seen.append(kw["dtype"])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(smallgpt.evaluate, "evaluate_multiple_choice", spy)
+    base = ["--hellaswag", str(hs_file), "--checkpoint", str(hf_gpt2), "--limit", "2",
+            "--device", DEVICE]
+    assert main(base) == 0
+    assert main([*base, "--dtype", "auto"]) == 0
+    capsys.readouterr()
+    assert seen == [torch.float32, resolve_dtype("auto", torch.device(DEVICE))]

@@ -1,6 +1,9 @@
 """Tests for smallgpt.generate: warpers on hand-made logits, KV cache vs no cache, exact parity
 with transformers (greedy, beam search, sampling under the same seed), seeds, eos, stop
-strings and streaming."""
+strings and streaming.
+
+The tests marked ``device`` run on ``$SMALLGPT_TEST_DEVICE`` (default cpu; cuda in
+benches/gpu_check.sh), transformers' side included."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import math
 import pytest
 import torch
 import transformers
+from helpers import device_under_test
 
 from smallgpt.generate import (
     apply_repetition_penalty,
@@ -20,6 +24,8 @@ from smallgpt.generate import (
     top_p_filter,
 )
 from smallgpt.model import GPT, GPTConfig
+
+DEVICE = torch.device(device_under_test())
 
 
 def kept(logits: torch.Tensor) -> set[int]:
@@ -34,6 +40,18 @@ def tiny(vocab: int = 26, block: int = 32, **kw: object) -> GPT:
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=vocab, block_size=block, n_layer=2, n_head=2, n_embd=16, **kw)
     return GPT(cfg).eval()  # type: ignore[arg-type]
+
+
+def on_device(m: GPT) -> GPT:
+    return m.to(DEVICE)
+
+
+def ids(rows: list) -> torch.Tensor:
+    return torch.tensor(rows, device=DEVICE)
+
+
+def randint(high: int, shape: tuple, generator: torch.Generator | None = None) -> torch.Tensor:
+    return torch.randint(0, high, shape, generator=generator).to(DEVICE)
 
 
 # ----------------------------------------------------------------------------- warpers
@@ -129,10 +147,11 @@ def test_bad_prompts() -> None:
 # ----------------------------------------------------------------------------- cache
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("position", ["learned", "rope"])
 def test_cache_matches_no_cache(position: str) -> None:
-    m = tiny(position=position)
-    prompt = torch.randint(0, 26, (3, 5))
+    m = on_device(tiny(position=position))
+    prompt = randint(26, (3, 5))
     a = m.generate(prompt, 27, temperature=0, use_cache=True)
     b = m.generate(prompt, 27, temperature=0, use_cache=False)
     assert a.shape == (3, 32)
@@ -160,16 +179,17 @@ def test_sampling_distribution_is_the_models_with_softcap(use_cache: bool) -> No
         seqs = torch.cat((seqs, want.argmax(-1, keepdim=True)), dim=1)
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("position", ["learned", "rope"])
 def test_generation_past_the_context_crops(position: str) -> None:
-    m = tiny(block=16, position=position)
-    prompt = torch.randint(0, 26, (2, 20))  # longer than the context: cropped
+    m = on_device(tiny(block=16, position=position))
+    prompt = randint(26, (2, 20))  # longer than the context: cropped
     for use_cache in (True, False):
         out = m.generate(prompt, 40, seed=0, use_cache=use_cache)
         assert out.shape == (2, 60)
         assert torch.equal(out[:, :20], prompt)
     # Until the cache is first rebuilt both paths see the same window.
-    p = torch.randint(0, 26, (2, 4))
+    p = randint(26, (2, 4))
     a = m.generate(p, 30, temperature=0, use_cache=True)
     b = m.generate(p, 30, temperature=0, use_cache=False)
     assert torch.equal(a[:, : 16 + 1], b[:, : 16 + 1])
@@ -187,12 +207,16 @@ def test_generate_restores_training_mode_and_disables_dropout() -> None:
 # ----------------------------------------------------------------------------- seeds
 
 
+@pytest.mark.device
 def test_seed_reproduces_and_leaves_global_rng_alone() -> None:
-    m = tiny()
-    prompt = torch.tensor([[1, 2, 3]])
+    m = on_device(tiny())
+    prompt = ids([[1, 2, 3]])
     state = torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state(DEVICE) if DEVICE.type == "cuda" else None
     a = m.generate(prompt, 20, seed=7, num_samples=3)
     assert torch.equal(torch.get_rng_state(), state)
+    if cuda_state is not None:
+        assert torch.equal(torch.cuda.get_rng_state(DEVICE), cuda_state)
     b = m.generate(prompt, 20, seed=7, num_samples=3)
     c = m.generate(prompt, 20, seed=8, num_samples=3)
     assert a.shape == (3, 23)
@@ -205,9 +229,10 @@ def test_seed_reproduces_and_leaves_global_rng_alone() -> None:
     assert torch.equal(d, m.generate(prompt, 20))
 
 
+@pytest.mark.device
 def test_stream_equals_generate() -> None:
-    m = tiny()
-    prompt = torch.randint(0, 26, (2, 4))
+    m = on_device(tiny())
+    prompt = randint(26, (2, 4))
     steps = list(m.generate_stream(prompt, 15, seed=5, top_p=0.9))
     assert len(steps) == 15 and steps[0].shape == (2,)
     assert torch.equal(torch.stack(steps, 1), m.generate(prompt, 15, seed=5, top_p=0.9)[:, 4:])
@@ -216,9 +241,10 @@ def test_stream_equals_generate() -> None:
 # ----------------------------------------------------------------------------- eos / stop
 
 
+@pytest.mark.device
 def test_eos_per_sequence() -> None:
-    m = tiny()
-    prompt = torch.randint(0, 26, (3, 4))
+    m = on_device(tiny())
+    prompt = randint(26, (3, 4))
     free = m.generate(prompt, 20, temperature=0)[:, 4:].tolist()
     eos = free[0][3]
     out = m.generate(prompt, 20, temperature=0, eos_token_id=eos)
@@ -241,9 +267,10 @@ def letter_bytes(ids: list) -> bytes:
     return bytes(97 + i for i in ids)
 
 
+@pytest.mark.device
 def test_stop_strings_tensor_and_text() -> None:
-    m = tiny()
-    prompt = torch.tensor([[0, 1]])
+    m = on_device(tiny())
+    prompt = ids([[0, 1]])
     free = letters(m.generate(prompt, 30, seed=1)[0, 2:].tolist())
     stop = free[9:11]
     expected = free[: free.find(stop)]
@@ -262,6 +289,7 @@ def test_stop_strings_tensor_and_text() -> None:
                                decode_bytes=letter_bytes)) == free
 
 
+@pytest.mark.device
 def test_stream_text_decodes_split_utf8() -> None:
     # Tokens 0-12 are the lead byte 0xC3, tokens 13-27 continuation bytes: a lead followed by a
     # continuation is one character (U+00CD..U+00DB), anything else is broken UTF-8.
@@ -270,8 +298,8 @@ def test_stream_text_decodes_split_utf8() -> None:
     def dec(ids: list) -> bytes:
         return b"".join(table[i] for i in ids)
 
-    m = tiny(vocab=28)
-    prompt = torch.tensor([[26]])
+    m = on_device(tiny(vocab=28))
+    prompt = ids([[26]])
     seen = ""
     for seed in range(6):
         pieces = list(stream_text(m, prompt, 40, seed=seed, decode_bytes=dec))
@@ -282,9 +310,10 @@ def test_stream_text_decodes_split_utf8() -> None:
     assert "\u00d0" in seen and "\ufffd" in seen  # joined and broken characters occurred
 
 
+@pytest.mark.device
 def test_stream_text_eos_not_printed() -> None:
-    m = tiny()
-    prompt = torch.tensor([[2, 3]])
+    m = on_device(tiny())
+    prompt = ids([[2, 3]])
     free = m.generate(prompt, 20, temperature=0)[0, 2:].tolist()
     eos = free[5]
     n = free.index(eos)
@@ -304,7 +333,7 @@ def hf_pair(tmp_path_factory):  # type: ignore[no-untyped-def]
     hf = transformers.GPT2LMHeadModel(cfg).eval()
     path = tmp_path_factory.mktemp("gpt2")
     hf.save_pretrained(path)
-    return hf, GPT.from_huggingface(path)
+    return hf.to(DEVICE), GPT.from_huggingface(path).to(DEVICE)
 
 
 def hf_generate(hf, prompt, n, **kw):  # type: ignore[no-untyped-def]
@@ -313,9 +342,10 @@ def hf_generate(hf, prompt, n, **kw):  # type: ignore[no-untyped-def]
     return hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, **kw)
 
 
+@pytest.mark.device
 def test_greedy_matches_transformers(hf_pair) -> None:  # type: ignore[no-untyped-def]
     hf, m = hf_pair
-    prompt = torch.randint(0, 97, (3, 6), generator=torch.Generator().manual_seed(1))
+    prompt = randint(97, (3, 6), torch.Generator().manual_seed(1))
     ref = hf_generate(hf, prompt, 40, do_sample=False)
     assert torch.equal(m.generate(prompt, 40, temperature=0), ref)
     assert torch.equal(m.generate(prompt, 40, temperature=0, use_cache=False), ref)
@@ -323,9 +353,10 @@ def test_greedy_matches_transformers(hf_pair) -> None:  # type: ignore[no-untype
     assert torch.equal(m.generate(prompt, 40, temperature=0, repetition_penalty=1.5), ref_rp)
 
 
+@pytest.mark.device
 def test_beam_search_matches_transformers(hf_pair) -> None:  # type: ignore[no-untyped-def]
     hf, m = hf_pair
-    prompt = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(2))
+    prompt = randint(97, (2, 5), torch.Generator().manual_seed(2))
     ref = hf_generate(hf, prompt, 30, do_sample=False, num_beams=4, length_penalty=1.0)
     ours = m.generate(prompt, 30, temperature=0, num_beams=4, length_penalty=1.0)
     assert torch.equal(ours, ref)
@@ -334,11 +365,12 @@ def test_beam_search_matches_transformers(hf_pair) -> None:  # type: ignore[no-u
     assert torch.equal(m.generate(prompt, 30, num_beams=4, num_samples=3, use_cache=False), ref2)
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("early_stopping", [True, False, "never"])
 @pytest.mark.parametrize("length_penalty", [1.0, 0.5, 2.0])
 def test_beam_search_with_eos_matches_transformers(hf_pair, early_stopping, length_penalty):  # type: ignore[no-untyped-def]  # noqa: E501
     hf, m = hf_pair
-    prompt = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(3))
+    prompt = randint(97, (2, 5), torch.Generator().manual_seed(3))
     # pick an eos the beams actually produce
     eos = int(m.generate(prompt, 8, temperature=0)[0, 7])
     kw = dict(num_beams=4, length_penalty=length_penalty, early_stopping=early_stopping)
@@ -348,6 +380,7 @@ def test_beam_search_with_eos_matches_transformers(hf_pair, early_stopping, leng
     assert torch.equal(ours, ref)
 
 
+@pytest.mark.device
 @pytest.mark.parametrize(
     "kw",
     [
@@ -359,7 +392,7 @@ def test_beam_search_with_eos_matches_transformers(hf_pair, early_stopping, leng
 )
 def test_sampling_matches_transformers_under_same_seed(hf_pair, kw: dict) -> None:  # type: ignore[no-untyped-def]  # noqa: E501
     hf, m = hf_pair
-    prompt = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(4))
+    prompt = randint(97, (2, 5), torch.Generator().manual_seed(4))
     hf_kw = {"top_k": 0, **kw}  # transformers defaults to top_k=50
     torch.manual_seed(5)
     ref = hf_generate(hf, prompt, 30, do_sample=True, **hf_kw)
@@ -367,11 +400,12 @@ def test_sampling_matches_transformers_under_same_seed(hf_pair, kw: dict) -> Non
     assert torch.equal(m.generate(prompt, 30, **kw), ref)
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("kw", [dict(position="rope"), dict(position="learned"),
                                 dict(bias=False, tie_embeddings=False, activation="relu")])
 def test_decode_step_equals_forward(kw):
-    model = tiny(vocab=40, block=16, **kw).eval()
-    seq = torch.randint(0, 40, (3, 12))
+    model = on_device(tiny(vocab=40, block=16, **kw)).eval()
+    seq = randint(40, (3, 12))
     with torch.no_grad():
         full = model(seq)
         cache = model.new_cache(3)

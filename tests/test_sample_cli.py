@@ -2,7 +2,9 @@
 folders, streaming vs not, seeds, stop strings, beams, and one-line errors on bad input.
 
 Most cases run in a subprocess (the real entry point); a few call ``main()`` in-process to keep
-the file fast (each subprocess pays for importing torch)."""
+the file fast (each subprocess pays for importing torch). Every command is given ``--device``
+(``$SMALLGPT_TEST_DEVICE``, see helpers.device_under_test), and expected texts are computed on
+that device: the CLI's own default is a GPU when there is one."""
 
 from __future__ import annotations
 
@@ -15,15 +17,28 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from helpers import Evil
+from helpers import Evil, device_under_test
 
 import smallgpt
 from smallgpt import Tokenizer
-from smallgpt.cli.sample import main
+from smallgpt.cli.sample import main as sample_main
 from smallgpt.model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
+DEVICE = device_under_test()
+
+pytestmark = pytest.mark.device
+
+
+def with_device(args: list[str] | tuple[str, ...]) -> list[str]:
+    """``args`` plus ``--device DEVICE`` unless they name a device."""
+    return list(args) if "--device" in args else [*args, "--device", DEVICE]
+
+
+def main(argv: list[str]) -> int:
+    """smallgpt-sample in-process, on the device under test."""
+    return sample_main(with_device(argv))
 
 
 def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -34,7 +49,7 @@ def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess
     env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
     env["PYTHONIOENCODING"] = "utf-8"
     return subprocess.run(
-        [sys.executable, "-m", "smallgpt.cli.sample", *args],
+        [sys.executable, "-m", "smallgpt.cli.sample", *with_device(args)],
         input=stdin if stdin is not None else "",
         capture_output=True,
         text=True,
@@ -116,9 +131,9 @@ def test_matches_library_generation(run_dir: Path, tokenizer: Tokenizer, capsys)
 
     model, tok = load_for_sampling(run_dir)
     ids = [tok.eot_id] + tok.encode("Once")
-    expected = generate_text(model, torch.tensor([ids]), 25, seed=9, temperature=0.8,
-                             eos_token_id=tok.eot_id, decode_bytes=tok.decode_bytes,
-                             vocab_limit=tok.vocab_size)[0]
+    expected = generate_text(model.to(DEVICE), torch.tensor([ids], device=DEVICE), 25, seed=9,
+                             temperature=0.8, eos_token_id=tok.eot_id,
+                             decode_bytes=tok.decode_bytes, vocab_limit=tok.vocab_size)[0]
     assert main(["--checkpoint", str(run_dir / "ckpt_latest.pt"), "--prompt", "Once",
                  "--max-new-tokens", "25", "--seed", "9", "--temperature", "0.8"]) == 0
     assert capsys.readouterr().out == "Once" + expected + "\n"
@@ -202,7 +217,9 @@ def test_huggingface_gpt2_folder(tmp_path: Path) -> None:
     tok = Tokenizer.from_gpt2(FIXTURES / "gpt2" / "encoder.json", FIXTURES / "gpt2" / "vocab.bpe")
     prompt = "Hello, my dog"
     ids = [50256] + tok.encode(prompt)
-    ref = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+    hf.to(DEVICE)
+    ref = hf.generate(torch.tensor([ids], device=DEVICE),
+                      attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=DEVICE),
                       max_new_tokens=12, do_sample=False, eos_token_id=50256, pad_token_id=50256)
     new = ref[0, len(ids):].tolist()
     if 50256 in new:

@@ -247,6 +247,111 @@ def test_resume_reuses_the_thread_count(tmp_path: Path, data_dir: Path,
     assert ck.trainer["threads"] == 1 and ck.step == 3
 
 
+def test_fp16_autocast_with_grad_scaler_on_cpu(tmp_path: Path, data_dir: Path) -> None:
+    """fp16 takes the GradScaler path of older GPUs, on the CPU too: it trains, the scaler's
+    state is checkpointed and resumed bit-exactly, and an overflowing step is skipped with the
+    scale backed off (parameters untouched)."""
+    from smallgpt.train import Trainer
+
+    extra = {"dtype": "float16", "optim__decay_steps": 6, "eval_interval": 0,
+             "save_interval": 0}
+    train(tiny_cfg(tmp_path / "straight", data_dir, max_steps=6, **extra))
+    train(tiny_cfg(tmp_path / "halves", data_dir, max_steps=3, **extra))
+    train(tiny_cfg(tmp_path / "halves", data_dir, max_steps=6, **extra), resume=True)
+    a = load_checkpoint(tmp_path / "straight" / "ckpt_latest.pt")
+    b = load_checkpoint(tmp_path / "halves" / "ckpt_latest.pt")
+    assert a.trainer["scaler"]["scale"] == b.trainer["scaler"]["scale"] > 1.0
+    for k in a.model:
+        assert torch.equal(a.model[k], b.model[k]), k
+    losses = [r["loss"] for r in read_metrics(tmp_path / "straight") if "loss" in r]
+    assert losses[-1] < losses[0]
+    t = Trainer(tiny_cfg(tmp_path / "overflow", data_dir, **extra))
+    try:
+        assert t.scaler.is_enabled() and t.dtype == torch.float16
+        t.train_step()  # an ordinary step; then a scale that fp16 gradients overflow at
+        t.scaler.update(new_scale=1e30)
+        before = {k: v.clone() for k, v in t.model.state_dict().items()}
+        stats = t.train_step()
+        assert not math.isfinite(stats["grad_norm"])
+        assert t.scaler.get_scale() == pytest.approx(0.5e30)
+        for k, v in t.model.state_dict().items():
+            assert torch.equal(v, before[k]), k
+    finally:
+        t.close()
+
+
+def test_gpu_peak_table_is_exact_by_name_and_memory() -> None:
+    from smallgpt.train.hardware import GPU_PEAKS, gpu_peak
+
+    gib = 2**30
+
+    def half(name: str, memory_gib: float) -> Any:
+        entry = gpu_peak(name, int(memory_gib * gib))
+        return entry.half if entry else None
+
+    # memory as torch.cuda.get_device_properties reports it
+    assert half("NVIDIA L4", 22.5) == 121e12
+    assert half("NVIDIA L40", 44.5) == 181e12
+    assert half("NVIDIA L40S", 44.5) == 362e12
+    assert half("NVIDIA H100 80GB HBM3", 79.1) == 989.4e12
+    assert half("NVIDIA H100 PCIe", 79.6) == 756.5e12
+    assert half("NVIDIA H100 NVL", 93.6) == 835.5e12
+    assert half("NVIDIA H200", 139.8) == 989.4e12
+    assert half("NVIDIA H200 NVL", 139.8) == 835.5e12
+    assert half("NVIDIA B200", 178.4) == 2250e12
+    assert half("NVIDIA A100-SXM4-40GB", 39.4) == half("NVIDIA A100-SXM4-80GB", 79.2) == 312e12
+    assert half("NVIDIA A100-PCIE-40GB", 39.4) == half("NVIDIA A100 80GB PCIe", 79.2) == 312e12
+    assert half("NVIDIA GeForce RTX 4090", 23.6) == 165.2e12
+    assert half("NVIDIA GeForce RTX 5090", 31.4) == 209.5e12
+    assert gpu_peak("NVIDIA L4", int(22.5 * gib)).single == 60e12  # type: ignore[union-attr]
+    assert half("  nvidia   h200 ", 139.8) == 989.4e12  # spacing and case only
+    # never a guess: a substring, another memory size, a MIG slice, an unknown card
+    assert half("NVIDIA H100", 79.1) is None
+    assert half("NVIDIA H200", 79.1) is None
+    assert half("NVIDIA L40", 22.5) is None
+    assert half("NVIDIA H100 80GB HBM3 MIG 1g.10gb", 9.5) is None
+    assert half("NVIDIA RTX 6000 Ada Generation", 47.5) is None
+    names = [e.name for e in GPU_PEAKS]
+    assert len(names) == len(set(names))
+    assert all(e.half >= e.single > 0 for e in GPU_PEAKS)
+
+
+def test_unknown_peak_gives_null_mfu_said_once(tmp_path: Path, data_dir: Path,
+                                               monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setattr(trainer_module, "peak_flops", lambda device, dtype: 0.0)
+    train(tiny_cfg(tmp_path / "r", data_dir, max_steps=3, eval_interval=0))
+    recs = [r for r in read_metrics(tmp_path / "r") if "tokens_per_sec" in r]
+    assert len(recs) == 3 and all(r["mfu"] is None for r in recs)
+    out = capsys.readouterr().out
+    assert out.count("MFU is not reported") == 1
+    with pytest.raises(HardwareError, match="SMALLGPT_PEAK_FLOPS"):
+        monkeypatch.setenv("SMALLGPT_PEAK_FLOPS", "-1")
+        peak_flops(torch.device("cpu"), torch.float32)
+
+
+def test_max_time_counts_every_session(tmp_path: Path, data_dir: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The time budget covers the whole run: a resumed session gets what the earlier ones
+    left, and a run that used it up stops at once when resumed."""
+    monkeypatch.setattr(trainer_module, "time", FakeClock(0.01))
+    extra = {"max_time": 2.0, "eval_interval": 0, "save_interval": 0, "log_interval": 1}
+    straight = train(tiny_cfg(tmp_path / "straight", data_dir, max_steps=0, **extra))
+    assert straight["stopped"] == "max_time"
+    n = straight["step"]
+    first = train(tiny_cfg(tmp_path / "halves", data_dir, max_steps=n // 2, **extra))
+    assert first["stopped"] == "max_steps"
+    second = train(tiny_cfg(tmp_path / "halves", data_dir, max_steps=0, **extra), resume=True)
+    assert second["stopped"] == "max_time"
+    assert first["elapsed_s"] < second["elapsed_s"] <= 2.0
+    # the second session ran about the other half (a budget restarted at resume: n more)
+    assert n // 2 < second["step"] <= n + n // 4
+    elapsed = [r["elapsed_s"] for r in read_metrics(tmp_path / "halves") if "loss" in r]
+    assert elapsed == sorted(elapsed)  # the clock continues across the resume
+    again = train(tiny_cfg(tmp_path / "halves", data_dir, max_steps=0, **extra), resume=True)
+    assert again["stopped"] == "max_time" and again["step"] == second["step"]
+
+
 def test_resume_without_checkpoint(tmp_path: Path, data_dir: Path) -> None:
     with pytest.raises(CheckpointError, match="no checkpoint"):
         train(tiny_cfg(tmp_path / "empty", data_dir), resume=True)
@@ -544,20 +649,33 @@ def test_ddp_code_path_with_one_process(tmp_path: Path, data_dir: Path) -> None:
         torch.testing.assert_close(a.model[k], b.model[k], rtol=1e-6, atol=1e-7)
 
 
-def test_fsdp_two_gloo_processes_match_ddp_and_resume(tmp_path: Path, data_dir: Path) -> None:
+def test_fsdp2_with_muon_resumes_under_fsdp2_ddp_and_one_process(tmp_path: Path,
+                                                                  data_dir: Path) -> None:
+    """FSDP2 with 2 gloo processes, Muon on its sharded (DTensor) block matrices: the losses of
+    one process over the same global batch; its checkpoint (full tensors) resumes under FSDP2,
+    under DDP and in one process, each continuing the straight run."""
+    import shutil
+
     base = {"eval_interval": 2, "save_interval": 0, "data__batch_size": 4,
-            "data__micro_batch_size": 1}
+            "data__micro_batch_size": 1, "optim__name": "muon", "optim__decay_steps": 4}
     _spawn(tmp_path, tiny_cfg(tmp_path / "fsdp", data_dir, max_steps=2, parallel="fsdp",
                               **base))
+    for name in ("ddp", "one"):
+        shutil.copytree(tmp_path / "fsdp", tmp_path / name)
     _spawn(tmp_path, tiny_cfg(tmp_path / "fsdp", data_dir, max_steps=4, parallel="fsdp",
                               **base), job="resume")
-    _spawn(tmp_path, tiny_cfg(tmp_path / "ddp", data_dir, max_steps=4, **base))
-    la = [r["loss"] for r in read_metrics(tmp_path / "fsdp") if "loss" in r]
-    lb = [r["loss"] for r in read_metrics(tmp_path / "ddp") if "loss" in r]
-    assert len(la) == len(lb) == 4
-    assert la == pytest.approx(lb, rel=1e-4)
-    a = load_checkpoint(tmp_path / "fsdp" / "ckpt_latest.pt")
-    b = load_checkpoint(tmp_path / "ddp" / "ckpt_latest.pt")
-    assert a.step == 4 and a.model.keys() == b.model.keys()
-    for k in a.model:  # full (unsharded) tensors in the checkpoint
-        torch.testing.assert_close(a.model[k], b.model[k], rtol=1e-3, atol=1e-5)
+    _spawn(tmp_path, tiny_cfg(tmp_path / "ddp", data_dir, max_steps=4, parallel="ddp",
+                              **base), job="resume")
+    train(tiny_cfg(tmp_path / "one", data_dir, max_steps=4, **base), resume=True)
+    train(tiny_cfg(tmp_path / "straight", data_dir, max_steps=4, **base))
+    ref = [r["loss"] for r in read_metrics(tmp_path / "straight") if "loss" in r]
+    b = load_checkpoint(tmp_path / "straight" / "ckpt_latest.pt")
+    assert len(ref) == 4
+    for name in ("fsdp", "ddp", "one"):
+        got = [r["loss"] for r in read_metrics(tmp_path / name) if "loss" in r]
+        assert got == pytest.approx(ref, rel=1e-4), name
+        a = load_checkpoint(tmp_path / name / "ckpt_latest.pt")
+        assert a.step == 4 and a.model.keys() == b.model.keys()
+        for k in a.model:  # full tensors; Adam divides by tiny second moments: fp32 noise
+            torch.testing.assert_close(a.model[k], b.model[k], rtol=1e-3, atol=1e-4)
+    assert load_checkpoint(tmp_path / "ddp" / "ckpt_latest.pt").trainer["world_size"] == 2

@@ -285,3 +285,75 @@ def test_by_time_rows_follow_the_budget(tmp_path: Path, capsys: pytest.CaptureFi
     toml.write_text("[[by_time]]\nmodel = { n_layer = 2 }\n")
     assert main(["--config", str(toml), "--print-config"]) == 2
     assert "min_time" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _two_nodes(args: List[str], cwds: List[Path]) -> None:
+    """README's multi-node command with 2 nodes of 1 process each, both on this machine:
+    static rendezvous at 127.0.0.1, node 0 (global rank 0) in ``cwds[0]``, node 1 in
+    ``cwds[1]``, as two machines with their own disks would run it."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PKG_ROOT, env.get("PYTHONPATH")) if p)
+    env["OMP_NUM_THREADS"] = "1"
+    port = str(_free_port())
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node",
+         "1", "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", port,
+         "-m", "smallgpt.cli.train", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True) for node, cwd in enumerate(cwds)]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=300)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for node, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"node {node}:\n{out[-3000:]}"
+
+
+def _tree(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def test_two_nodes_train_as_one_process_and_resume(tmp_path: Path, data_dir: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    """torchrun --nnodes 2 --nproc-per-node 1: the losses of one process over the same global
+    batch, only global rank 0 writes (node 1's disk stays empty), and --resume continues
+    the straight run (each node reads the run folder: a copy here, a shared disk in a
+    cluster)."""
+    common = ["--data", str(data_dir), *TINY, "--data.batch_size", "4", "--eval-interval", "2",
+              "--log-interval", "1",
+              "--set", "threads=1", "--no-progress"]
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    for n in nodes:
+        n.mkdir()
+    _two_nodes(["--out", "run", "--max-steps", "2", *common], nodes)
+    assert list(nodes[1].iterdir()) == []
+    import shutil
+
+    shutil.copytree(nodes[0] / "run", nodes[1] / "run")
+    before = _tree(nodes[1])
+    _two_nodes(["--out", "run", "--max-steps", "4", "--resume", *common], nodes)
+    assert _tree(nodes[1]) == before  # node 1 only read
+    assert main(["--out", str(tmp_path / "single"), "--max-steps", "4", *common]) == 0
+    capsys.readouterr()
+
+    def losses(run: Path) -> List[float]:
+        recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in recs if "loss" in r]
+
+    two, one = losses(nodes[0] / "run"), losses(tmp_path / "single")
+    assert len(one) == 4 and two == pytest.approx(one, rel=1e-5)
+    ck = torch.load(nodes[0] / "run" / "ckpt_latest.pt", weights_only=True)
+    assert ck["step"] == 4 and ck["trainer"]["world_size"] == 2

@@ -16,6 +16,12 @@ The last line of standard output is one JSON object: for ``--tasks`` task -> met
 figures of :class:`smallgpt.evaluate.PerplexityResult`, for ``--hellaswag`` ``task``, ``n``,
 ``acc``, ``acc_norm``, ``checkpoint``. ``--tasks`` needs the ``eval`` extra (lm-eval). Bad
 input is one line on stderr and exit status 2; ``--output`` is written whole or not at all.
+
+The default dtype is float32 on every device, GPUs included: a choice is decided by the
+difference of two summed losses, which bf16 rounding (about 3 significant digits) can flip, and
+published figures (llm.c's, the harness's hf backend on a float32 checkpoint) are fp32 ones
+(llm.c's script turns TF32 on; here TF32 stays off unless the caller turned it on).
+``--dtype bfloat16`` is the faster choice for quick comparisons.
 """
 
 from __future__ import annotations
@@ -61,10 +67,11 @@ def _parser() -> argparse.ArgumentParser:
                    "lm-eval's results JSON, as lm_eval --output_path writes it)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps "
                    "(auto: this rank's GPU if there is one)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="autocast dtype (auto: float32 for --tasks and --perplexity, figures "
-                   "comparable with published ones; for --hellaswag bf16 on GPUs and "
-                   "bf16-capable CPUs, else fp32)")
+    p.add_argument("--dtype", default="float32",
+                   choices=["auto", "float32", "bfloat16", "float16"],
+                   help="autocast dtype (default float32 on every device, the precision of "
+                   "published figures; auto: the trainer's choice, bf16 on GPUs and "
+                   "bf16-capable CPUs)")
     p.add_argument("--batch-size", type=int, default=8, metavar="N",
                    help="rows per forward pass (--hellaswag: examples of 4 rows; default 8)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
@@ -124,6 +131,9 @@ def _hellaswag(args: argparse.Namespace) -> Optional[dict]:
             loaded.model, loaded.tokenizer, examples, device=device, dtype=dtype,
             batch_size=args.batch_size, dist=dist,
             progress=args.progress and dist.master and sys.stderr.isatty())
+        # No rank tears the group down while another is still in it: gloo then hangs or
+        # aborts the peer at exit (seen once in 8 runs of 2 processes on torch 2.7).
+        dist.barrier()
     finally:
         dist.close()
     if not dist.master:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any, ContextManager, List, Tuple
 
@@ -25,6 +26,7 @@ import torch
 __all__ = ["Dist", "init_distributed", "wrap_model", "PARALLEL_MODES"]
 
 PARALLEL_MODES = ("auto", "none", "ddp", "fsdp")
+_GLOO_DRAIN_S = 0.2
 
 
 @dataclass
@@ -105,6 +107,11 @@ class Dist:
             import torch.distributed as dist
 
             if dist.is_initialized():
+                # gloo's worker threads drop their last references to the tensors of
+                # finished collectives, which needs the GIL; the group's destructor joins
+                # them while holding it (a deadlock at exit on torch 2.7, 3 runs in 11 of
+                # two processes). Sleeping releases the GIL so that they finish first.
+                time.sleep(_GLOO_DRAIN_S)
                 dist.destroy_process_group()
             self.owns_group = False
 

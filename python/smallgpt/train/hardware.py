@@ -6,17 +6,23 @@ has no side effect except :func:`set_threads`.
 
 from __future__ import annotations
 
+import math
 import os
 import time
-from typing import List, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
 __all__ = [
+    "GPU_PEAKS",
+    "GpuPeak",
     "HardwareError",
     "auto_threads",
     "cpu_flags",
     "cpu_supports_fast_bf16",
+    "describe_gpu",
+    "gpu_peak",
     "peak_flops",
     "resolve_device",
     "resolve_dtype",
@@ -56,48 +62,104 @@ def cpu_supports_fast_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-# Dense peak FLOP/s per GPU: (bf16/fp16 tensor cores, tf32/fp32). Matched by name substring,
-# first match wins (so "H100 PCIe" precedes "H100").
-_GPU_PEAKS: List[Tuple[str, float, float]] = [
-    ("H200", 989e12, 494e12),
-    ("H100 PCIe", 756e12, 378e12),
-    ("H100", 989e12, 494e12),
-    ("GH200", 989e12, 494e12),
-    ("B200", 2250e12, 1100e12),
-    ("A100", 312e12, 156e12),
-    ("A10G", 125e12, 62.5e12),
-    ("A10", 125e12, 62.5e12),
-    ("L40S", 362e12, 183e12),
-    ("L4", 121e12, 60e12),
-    ("RTX 4090", 165e12, 82.6e12),
-    ("RTX 3090", 71e12, 35.6e12),
-    ("V100", 125e12, 15.7e12),
-    ("T4", 65e12, 8.1e12),
-]
+@dataclass(frozen=True)
+class GpuPeak:
+    """Datasheet peak of one GPU model: dense tensor-core FLOP/s, no sparsity.
+
+    ``half``: bf16/fp16 with fp32 accumulation (what autocast's matmuls run); ``single``: fp32
+    matmuls as the trainer runs them (TF32 tensor cores where the card has them, else plain
+    fp32). ``memory_gb`` is the nominal memory in decimal GB, checked against the card's.
+    """
+
+    name: str
+    memory_gb: float
+    half: float
+    single: float
+
+
+# Keyed on the exact name the driver reports (``nvidia-smi``, ``torch.cuda.get_device_name``)
+# and the card's memory: "NVIDIA L4" is not "NVIDIA L40", an H100 NVL is not an SXM5 H100,
+# and a MIG slice ("... MIG 1g.10gb") or a card missing here is unknown, never guessed.
+# Figures: NVIDIA's datasheets (sparse figures halved where only those are printed).
+GPU_PEAKS: Tuple[GpuPeak, ...] = (
+    GpuPeak("NVIDIA B200", 180, 2250e12, 1125e12),
+    GpuPeak("NVIDIA H200", 141, 989.4e12, 494.7e12),  # SXM
+    GpuPeak("NVIDIA H200 NVL", 141, 835.5e12, 417.5e12),
+    GpuPeak("NVIDIA H100 80GB HBM3", 80, 989.4e12, 494.7e12),  # SXM5
+    GpuPeak("NVIDIA H100 PCIe", 80, 756.5e12, 378e12),
+    GpuPeak("NVIDIA H100 NVL", 94, 835.5e12, 417.5e12),
+    GpuPeak("NVIDIA A100-SXM4-40GB", 40, 312e12, 156e12),
+    GpuPeak("NVIDIA A100-SXM4-80GB", 80, 312e12, 156e12),
+    GpuPeak("NVIDIA A100-PCIE-40GB", 40, 312e12, 156e12),
+    GpuPeak("NVIDIA A100 80GB PCIe", 80, 312e12, 156e12),
+    GpuPeak("NVIDIA A10", 24, 125e12, 62.5e12),
+    GpuPeak("NVIDIA L4", 24, 121e12, 60e12),
+    GpuPeak("NVIDIA L40", 48, 181e12, 90.5e12),
+    GpuPeak("NVIDIA L40S", 48, 362e12, 183e12),
+    GpuPeak("NVIDIA GeForce RTX 3090", 24, 71e12, 35.6e12),
+    GpuPeak("NVIDIA GeForce RTX 4090", 24, 165.2e12, 82.6e12),
+    GpuPeak("NVIDIA GeForce RTX 5090", 32, 209.5e12, 104.8e12),
+    GpuPeak("Tesla V100-SXM2-16GB", 16, 125e12, 15.7e12),  # no TF32, no bf16: fp16 / fp32
+    GpuPeak("Tesla V100-SXM2-32GB", 32, 125e12, 15.7e12),
+    GpuPeak("Tesla V100-PCIE-16GB", 16, 112e12, 14e12),
+    GpuPeak("Tesla V100-PCIE-32GB", 32, 112e12, 14e12),
+    GpuPeak("Tesla T4", 16, 65e12, 8.1e12),
+)
+
+# The memory a card reports is its nominal GB within a few percent (GiB vs GB, ECC and
+# driver reservations); outside this band it is another card of the same name.
+_MEMORY_BAND = (0.9, 1.15)
+
+
+def _normal_name(name: str) -> str:
+    return " ".join(name.split()).casefold()
+
+
+def gpu_peak(name: str, memory_bytes: int) -> Optional[GpuPeak]:
+    """The :data:`GPU_PEAKS` entry of a card: its exact name and its memory must both match
+    (``None`` for a card not in the table)."""
+    low, high = _MEMORY_BAND
+    for entry in GPU_PEAKS:
+        if _normal_name(entry.name) == _normal_name(name) and \
+                low <= memory_bytes / (entry.memory_gb * 1e9) <= high:
+            return entry
+    return None
+
+
+def describe_gpu(device: torch.device) -> Dict[str, Any]:
+    """``name``, ``memory_gib`` and the table's ``peak_bf16`` / ``peak_fp32`` (None when the
+    card is unknown) of a CUDA device."""
+    props = torch.cuda.get_device_properties(device)
+    entry = gpu_peak(props.name, props.total_memory)
+    return {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1),
+            "peak_bf16": entry.half if entry else None,
+            "peak_fp32": entry.single if entry else None}
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
-    """Peak dense FLOP/s of one device, for MFU.
+    """Peak dense FLOP/s of one device, for MFU; 0.0 when unknown.
 
-    GPUs: a datasheet table by device name (dense, no sparsity). CPUs: a documented estimate,
+    GPUs: :data:`GPU_PEAKS`, by exact name and memory (bf16/fp16 figure for those dtypes,
+    TF32 for fp32); a card not in the table is unknown. CPUs: a documented estimate,
     ``threads x clock x FLOPs/cycle`` with the clock from ``/proc/cpuinfo`` and 32 fp32
     FLOPs/cycle/core for AVX2+FMA (two 8-wide FMA units), 64 with AVX-512, and 1024 bf16
-    FLOPs/cycle/core with AMX. ``$SMALLGPT_PEAK_FLOPS`` overrides everything. Returns 0 when
-    unknown (MFU is then reported as 0).
+    FLOPs/cycle/core with AMX. ``$SMALLGPT_PEAK_FLOPS`` overrides everything.
     """
     env = os.environ.get("SMALLGPT_PEAK_FLOPS")
     if env:
         try:
-            return float(env)
+            value = float(env)
         except ValueError:
-            raise HardwareError(f"SMALLGPT_PEAK_FLOPS must be a number, got {env!r}") from None
+            value = -1.0
+        if not (value > 0 and math.isfinite(value)):
+            raise HardwareError(f"SMALLGPT_PEAK_FLOPS must be a positive number, got {env!r}")
+        return value
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        low_precision = dtype in (torch.bfloat16, torch.float16)
-        for key, half, single in _GPU_PEAKS:
-            if key.lower() in name.lower():
-                return half if low_precision else single
-        return 0.0
+        props = torch.cuda.get_device_properties(device)
+        entry = gpu_peak(props.name, props.total_memory)
+        if entry is None:
+            return 0.0
+        return entry.half if dtype in (torch.bfloat16, torch.float16) else entry.single
     if device.type == "cpu":
         flags = cpu_flags()
         if dtype == torch.bfloat16 and "amx_bf16" in flags:
@@ -177,7 +239,9 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """Autocast dtype; ``auto`` → bf16 on CUDA with bf16 (else fp16) and on CPUs with native
-    bf16 (AMX / AVX512-BF16), fp32 otherwise (AVX2-only CPUs run bf16 slower than fp32)."""
+    bf16 (AMX / AVX512-BF16), fp32 otherwise (AVX2-only CPUs run bf16 slower than fp32).
+    ``float16`` (with a GradScaler when training) on CUDA and, on request, on CPUs, where it
+    is slow without native fp16 units but takes the same code path as older GPUs."""
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -186,6 +250,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         return torch.float32
     if name not in _DTYPES:
         raise HardwareError(f"unknown dtype {name!r} (use auto, float32, bfloat16, float16)")
-    if name == "float16" and device.type == "cpu":
-        raise HardwareError("float16 autocast needs a GPU; use bfloat16 or float32 on CPU")
+    if name == "float16" and device.type not in ("cuda", "cpu"):
+        # fp16 needs a GradScaler, which the trainer runs on CUDA and CPU only
+        raise HardwareError(f"float16 is supported on cuda and cpu, not {device.type}; use "
+                            "bfloat16 or float32")
     return _DTYPES[name]

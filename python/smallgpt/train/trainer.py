@@ -172,8 +172,10 @@ class Trainer:
         wrapped = wrap_model(self.model, self.dist) if self.dist.mode == "fsdp" else self.model
         self.optimizers = [] if self.eval_only else \
             build_optimizers(self.model, cfg.optim, self.device)
-        self.scaler = torch.amp.GradScaler(
-            "cuda", enabled=self.device.type == "cuda" and self.dtype == torch.float16)
+        # fp16 gradients underflow without loss scaling (bf16 and fp32 have fp32's range);
+        # resolve_dtype allows fp16 on CUDA and CPU only
+        fp16 = self.dtype == torch.float16
+        self.scaler = torch.amp.GradScaler(self.device.type if fp16 else "cpu", enabled=fp16)
         # Dropout draws from a per-rank stream.
         torch.manual_seed(cfg.seed + self.dist.rank)
         self._init_state()
@@ -193,6 +195,9 @@ class Trainer:
         self.peak = peak_flops(self.device, self.dtype) * self.dist.world_size
         if ckpt is not None and self.dist.master and not self.eval_only:
             self.run.tidy_for_resume(ckpt.step)
+        if self.peak <= 0 and not self.eval_only:
+            self._print(f"note: the peak FLOP/s of {_device_name(self.device)} is unknown, so "
+                        "MFU is not reported (set SMALLGPT_PEAK_FLOPS to give it)", True)
         self._write_run_files()
         self.metrics = MetricsLogger(
             self.run.path, enabled=self.dist.master and not self.eval_only,
@@ -688,7 +693,7 @@ class Trainer:
         return {"step": self.step, "loss": stats["loss"], "lr": stats["lr"],
                 "grad_norm": stats["grad_norm"], "tokens_per_sec": tps,
                 "tokens": self.tokens_seen,
-                "mfu": self.flops_per_token * tps / self.peak if self.peak > 0 else 0.0,
+                "mfu": self.flops_per_token * tps / self.peak if self.peak > 0 else None,
                 "elapsed_s": self.elapsed}
 
     @staticmethod
@@ -850,6 +855,13 @@ class Trainer:
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"{props.name!r} ({props.total_memory / 2**30:.1f} GiB)"
+    return str(device)
 
 
 def _rng_state(device: torch.device) -> Dict[str, Any]:
