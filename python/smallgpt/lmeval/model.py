@@ -27,7 +27,6 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from smallgpt.generate import generate_text
 from smallgpt.scoring import autocast, score_tokens
 
 if TYPE_CHECKING:
@@ -46,6 +45,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 # generation_kwargs of lm-eval tasks that map onto smallgpt.generate options.
 _GEN_OPTIONS = ("top_k", "top_p", "min_p", "repetition_penalty", "num_beams", "length_penalty",
                 "early_stopping")
+_BEAM_OPTIONS = ("num_beams", "length_penalty", "early_stopping")
 
 
 class LMEvalError(ValueError):
@@ -276,34 +276,64 @@ class SmallGPTLM(TemplateLM):
                        disable_tqdm: bool = False) -> List[str]:
         """Text generated for each ``(context, gen_kwargs)`` until a stop string, the
         ``<|endoftext|>`` token or ``max_gen_toks`` tokens; the text ends before the first
-        stop string. Prompts keep their last ``context - max_gen_toks`` tokens (as ``hf``)."""
-        jobs: Dict[Tuple[str, int], List[int]] = {}
-        prompts: List[List[int]] = []
-        settings = []
-        for k, (context, gen_kwargs) in enumerate(req.args for req in requests):
+        stop string. Prompts keep their last ``context - max_gen_toks`` tokens (as ``hf``).
+
+        Requests run through the server's continuous-batching engine
+        (:class:`smallgpt.serve.engine.Engine`): up to ``batch_size`` sequences decode
+        together whatever their prompt lengths (each row at its own position in the KV
+        cache), and a finished one is replaced at the next step. Greedy decoding takes the
+        arg-max of the same logits as :func:`smallgpt.generate.generate_text`.
+        """
+        from smallgpt.serve.engine import Choice, Engine, Request, SamplingParams
+
+        pending = []
+        for context, gen_kwargs in (req.args for req in requests):
             until, max_gen, options = self._gen_options(gen_kwargs)
             ids = self.tok_encode(context)[-(self.max_length - max_gen):] or [self.eot_token_id]
-            prompts.append(ids)
-            settings.append((until, max_gen, options))
-            key = (repr((until, max_gen, sorted(options.items()))), len(ids))
-            jobs.setdefault(key, []).append(k)
-        out: List[str] = [""] * len(requests)
+            beams = {k: options.pop(k) for k in _BEAM_OPTIONS if k in options}
+            if beams.get("num_beams", 1) > 1:
+                pending.append((ids, max_gen, until, {**options, **beams}))
+                continue
+            pending.append(Request([ids], SamplingParams(max_tokens=max_gen, stop=tuple(until),
+                                                         **options)))
+        engine = Engine(self.model, self.tokenizer, max_batch=self._batch_size,
+                        autocast_dtype=self.dtype)
+        out: List[str] = []
         bar = tqdm(total=len(requests), desc="generating", unit="request",
                    disable=disable_tqdm or not self.progress, leave=False)
-        for members in jobs.values():
-            for i in range(0, len(members), self._batch_size):
-                batch = members[i : i + self._batch_size]
-                until, max_gen, options = settings[batch[0]]
-                idx = torch.tensor([prompts[k] for k in batch], device=self._device)
-                with autocast(self._device, self.dtype):
-                    texts = generate_text(
-                        self.model, idx, max_gen, decode_bytes=self.tokenizer.decode_bytes,
-                        stop=until, eos_token_id=self.eot_token_id,
-                        vocab_limit=min(self.tokenizer.vocab_size, self.model.config.vocab_size),
-                        **options)
-                for k, text in zip(batch, texts):
-                    out[k] = text
-                    self.cache_hook.add_partial("generate_until", requests[k].args, text)
-                bar.update(len(batch))
-        bar.close()
+        engine.start()
+        try:
+            for r in pending:
+                if isinstance(r, Request):
+                    engine.submit(r)
+            for req, r in zip(requests, pending):
+                if not isinstance(r, Request):  # beam search: one request at a time
+                    out.append(self._beam_search(*r))
+                    bar.update(1)
+                    continue
+                choice = Choice(0)
+                while choice.finish_reason is None:
+                    for d in r.outbox.get():
+                        if d.error is not None:
+                            raise LMEvalError(f"generation failed: {d.error}")
+                        choice.add(d)
+                out.append(choice.text)
+                self.cache_hook.add_partial("generate_until", req.args, choice.text)
+                bar.update(1)
+        finally:
+            engine.stop()
+            bar.close()
         return out
+
+    def _beam_search(self, ids: List[int], max_gen: int, until: List[str],
+                     options: Dict[str, Any]) -> str:
+        """One ``generate_until`` request with beam search (:func:`generate_text`)."""
+        from smallgpt.generate import generate_text
+
+        idx = torch.tensor([ids], device=self._device)
+        with autocast(self._device, self.dtype):
+            return generate_text(
+                self.model, idx, max_gen, decode_bytes=self.tokenizer.decode_bytes, stop=until,
+                eos_token_id=self.eot_token_id,
+                vocab_limit=min(self.tokenizer.vocab_size, self.model.config.vocab_size),
+                **options)[0]

@@ -310,11 +310,13 @@ class Engine:
     and :meth:`stop` ends it (requests still there get an error). ``max_batch``: sequences
     decoded together at most (1 = one request at a time). ``prefill_budget``: prompt tokens
     admitted per step at most (at least one prompt), so a burst of new requests does not
-    stall the running ones for long.
+    stall the running ones for long. ``autocast_dtype``: run the model under autocast to it
+    (the server converts the weights instead; the harness keeps fp32 weights).
     """
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, *, max_batch: int = 32,
-                 prefill_budget: Optional[int] = None) -> None:
+                 prefill_budget: Optional[int] = None,
+                 autocast_dtype: Optional[torch.dtype] = None) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if tokenizer.vocab_size > model.config.vocab_size:
@@ -326,6 +328,7 @@ class Engine:
         self.eos = tokenizer.eot_id
         self.block_size = model.config.block_size
         self.max_batch = max_batch
+        self.autocast_dtype = autocast_dtype
         self.prefill_budget = prefill_budget or max(self.block_size, 1024)
         self.device = model.transformer.wte.weight.device
         self._plan = model.decode_plan()
@@ -416,7 +419,10 @@ class Engine:
     # ------------------------------------------------------------------ the loop
 
     def _run(self) -> None:
-        with torch.inference_mode():
+        # Autocast is per thread: a caller's context does not reach this one.
+        amp = self.autocast_dtype not in (None, torch.float32)
+        with torch.inference_mode(), torch.autocast(self.device.type, self.autocast_dtype,
+                                                    enabled=amp):
             while self._take_inbox():
                 try:
                     self._retire()
