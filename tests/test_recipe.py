@@ -81,6 +81,17 @@ def test_options_compile() -> None:
     compiled = torch.compile(model)
     with torch.no_grad():
         torch.testing.assert_close(compiled(seq), model(seq), rtol=1e-4, atol=1e-4)
+    # the training path: value embeddings and the chunked loss (loss_chunk) compile too
+    model.train()
+    _, loss = compiled(seq, seq)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    _, eager = model(seq, seq)
+    eager.backward()
+    torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-5)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-5, msg=n)
 
 
 # ---------------------------------------------------------------- Muon
