@@ -667,6 +667,13 @@ class GPT(nn.Module):
         h = self.hidden_states(idx, cache)
         if targets is None:
             return self._softcap(self.lm_head(h))
+        return self.head_loss(h, targets)
+
+    def head_loss(self, h: torch.Tensor,
+                  targets: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The training head and loss on final hidden states ``h`` (:meth:`hidden_states`):
+        ``(logits, loss)``, or ``(None, loss)`` with ``config.loss_chunk``; in
+        ``head_dtype`` when set. ``forward(idx, targets)`` is ``hidden_states`` then this."""
         with self._head_precision(h):
             if self.head_dtype == torch.float32:
                 h = h.float()
