@@ -2,6 +2,7 @@
 
     python benches/bench_train.py                      # the CPU presets and three sizes
     python benches/bench_train.py --sizes books-cpu --variants preset --seconds 20
+    python benches/bench_train.py --sizes books-cpu --variants preset --model-set loss_chunk=256
     python benches/bench_train.py --device cuda        # GPU: adds T=1024 for GPT-2 124M
     python benches/bench_train.py --compare ../base    # this code and another checkout's,
                                                        # interleaved in one run
@@ -11,7 +12,8 @@ a 300 s budget) and ``books-cpu`` are built from the packaged presets (their mod
 optimizer, dtype and head dtype; vocabulary 512 for the quickstart's BPE, 50,304 for GPT-2's),
 so they follow the presets as they change. ``quickstart``, ``10m``, ``gpt2-124m`` and
 ``quickstart-modern`` are fixed shapes trained with AdamW. Variants: ``preset`` (the preset's
-own dtype), ``fp32``, ``bf16`` (autocast), ``+compile``.
+own dtype), ``fp32``, ``bf16`` (autocast), ``+compile``. ``--model-set KEY=VALUE`` changes a
+``GPTConfig`` field of every size (e.g. ``loss_chunk=256`` for the chunked head + loss).
 
 **Throughput.** Each (size, variant) runs two warm-up steps and then full optimizer steps
 (a batch from a real :class:`smallgpt.data.ShardDataset` over random tokens, forward,
@@ -31,7 +33,8 @@ head* (``loss.backward()``, which stops at the detached hidden states), *bwd blo
 split computes exactly what the plain step does; only the autograd graph is cut in two at
 the hidden states. The table gives each piece's milliseconds and share, and the head's
 share of the model's FLOPs (``6 V C`` per token of ``flops_per_token``) beside the head's
-share of the time.
+share of the time. (With ``loss_chunk`` the head's gradients are formed in its forward pass,
+so *fwd head* holds nearly all of the head's time.)
 
 With ``--compare TREE`` every (size, variant) is measured for this checkout and for TREE (a
 checkout of another commit with its extension built), alternately, each in a fresh process
@@ -112,8 +115,17 @@ class Spec:
     head_dtype: str = "same"
 
 
-def spec_of(size: str, device: torch.device, batch: Optional[int], mult: int) -> Spec:
-    """The :class:`Spec` of a size name (a preset size or a fixed shape)."""
+def spec_of(size: str, device: torch.device, batch: Optional[int], mult: int,
+            model_set: Optional[Dict[str, Any]] = None) -> Spec:
+    """The :class:`Spec` of a size name (a preset size or a fixed shape), with the
+    ``GPTConfig`` fields of ``model_set`` changed."""
+    spec = _spec(size, device, batch, mult)
+    if model_set:
+        spec.config = GPTConfig(**{**spec.config.to_dict(), **model_set})
+    return spec
+
+
+def _spec(size: str, device: torch.device, batch: Optional[int], mult: int) -> Spec:
     if size in PRESET_SIZES:
         preset, max_time = PRESET_SIZES[size]
         cfg = build_config(preset, overrides={"max_time": max_time} if max_time else None)
@@ -260,10 +272,10 @@ def _timed(fn: Callable[[], None], device: torch.device, seconds: float) -> tupl
 
 
 def bench_one(size: str, variant: str, device: torch.device, seconds: float,
-              batch: Optional[int], gpu_batch_mult: int,
-              split: bool = True) -> Dict[str, Any]:
+              batch: Optional[int], gpu_batch_mult: int, split: bool = True,
+              model_set: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Throughput (and, for eager variants, the time per piece) of one (size, variant)."""
-    spec = spec_of(size, device, batch, gpu_batch_mult)
+    spec = spec_of(size, device, batch, gpu_batch_mult, model_set)
     with tempfile.TemporaryDirectory() as tmp:
         run = Run(spec, variant, device, Path(tmp))
         peak = measured_peak(device, run.dtype)
@@ -389,8 +401,29 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--compare", metavar="TREE", help="another checkout to measure alongside")
     p.add_argument("--repeats", type=int, default=3, help="with --compare: runs per tree")
     p.add_argument("--no-record", action="store_true", help="print only (no RESULTS.md)")
+    p.add_argument("--model-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a GPTConfig field for every size, e.g. loss_chunk=256")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    return p.parse_args()
+    args = p.parse_args()
+    args.model_set = dict(_model_field(kv) for kv in args.model_set)
+    return args
+
+
+def _model_field(text: str) -> tuple:
+    """``'loss_chunk=256'`` → ``("loss_chunk", 256)``, typed as the GPTConfig field is."""
+    import dataclasses
+
+    from smallgpt.config import ConfigError, TrainConfig, set_key
+
+    key, sep, value = text.partition("=")
+    if not sep or key not in {f.name for f in dataclasses.fields(GPTConfig)}:
+        raise SystemExit(f"--model-set: expected a GPTConfig FIELD=VALUE, got {text!r}")
+    cfg = TrainConfig()
+    try:
+        set_key(cfg, f"model.{key}", value)
+    except ConfigError as e:
+        raise SystemExit(f"--model-set: {e}") from None
+    return key, getattr(cfg.model, key)
 
 
 def main() -> None:
@@ -417,7 +450,7 @@ def main() -> None:
                 continue
             try:
                 r = bench_one(size, variant, device, args.seconds, args.batch,
-                              args.gpu_batch_mult)
+                              args.gpu_batch_mult, model_set=args.model_set)
             except Exception as e:  # e.g. no C++ compiler for torch.compile
                 print(f"{size:<20} {variant:<13} failed: {type(e).__name__}: "
                       f"{str(e).splitlines()[0][:80]}")
@@ -425,7 +458,8 @@ def main() -> None:
             rows.append(r)
             _print_row(r)
     if rows:
-        harness.append_run("bench_train", f"throughput on {device.type}", tables(rows),
+        changed = "".join(f", {k}={v}" for k, v in args.model_set.items())
+        harness.append_run("bench_train", f"throughput on {device.type}{changed}", tables(rows),
                            threads=DEFAULT_THREADS, record=not args.no_record)
 
 
