@@ -118,7 +118,7 @@ def run(name: str, extra: List[str], seed: int, args: argparse.Namespace,
         data: Path) -> Dict[str, Any]:
     """One arm, one seed: train, then score with the one evaluator."""
     safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in name)
-    out = args.work / "runs" / f"{safe}-s{seed}"
+    out = args.work / "runs" / f"{args.arm_index[name]:02d}-{safe}-s{seed}"
     cmd = ["--preset", args.preset, "--data", str(data), "--max-time", str(args.seconds),
            "--seed", str(seed), *shlex.split(args.extra), *extra]
     r = harness.train_smallgpt(cmd, out, args.threads)
@@ -134,6 +134,7 @@ def main() -> int:
     data = args.data or recipe_data.data_for(args.preset, args.set, args.work / "data",
                                              args.shared)
     chosen = effective(args, arms(args), data)
+    args.arm_index = {name: i for i, name in enumerate(chosen)}
     results: Dict[str, List[Dict[str, Any]]] = {name: [] for name in chosen}
     names = list(chosen)
     for i, seed in enumerate(args.seeds):
