@@ -311,7 +311,7 @@ def parse_args() -> argparse.Namespace:
 def _git_rev(path: Path) -> str:
     res = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=path,
                          capture_output=True, text=True)
-    return res.stdout.strip() or "(no git)"
+    return res.stdout.strip() or f"from {path} (not a git work tree)"
 
 
 def _row(name: str, recs: List[Dict[str, Any]]) -> List[str]:
