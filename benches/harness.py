@@ -306,3 +306,85 @@ def current_runs(text: str) -> List[Tuple[Dict[str, str], str]]:
             order.append(key)
         latest[key] = (meta, block)
     return [latest[k] for k in order]
+
+
+# ---------------------------------------------------------------- running smallgpt
+
+
+def tree_env(threads: Optional[int] = None) -> Dict[str, str]:
+    """The environment for subprocesses: this checkout's ``python/`` first on the path (so a
+    bench runs the code of the commit it records), and ``OMP_NUM_THREADS`` if given."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT / "python")] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env["PYTHONUNBUFFERED"] = "1"
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def _run_logged(cmd: Sequence[str], log: Path, threads: Optional[int]) -> float:
+    """Run ``cmd`` with its output in ``log``; returns its wall time. A failure raises
+    ``RuntimeError`` with the log's last lines."""
+    import time
+
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with open(log, "w", encoding="utf-8") as f:
+        rc = subprocess.run(list(cmd), stdout=f, stderr=subprocess.STDOUT,
+                            env=tree_env(threads)).returncode
+    wall = time.perf_counter() - t0
+    if rc != 0:
+        tail = "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-15:])
+        raise RuntimeError(f"{' '.join(cmd[:6])} ... failed (exit {rc}); {log}:\n{tail}")
+    return wall
+
+
+def train_smallgpt(args: Sequence[str], out: Path, threads: int) -> Dict[str, object]:
+    """``smallgpt-train ARGS --out OUT`` (a fresh run, threads pinned, no progress bar or
+    plot); returns its last step, tokens seen, ``elapsed_s`` (the trainer's clock), the final
+    evaluation's ``val_bpb`` as the trainer measured it, ``wall_s`` (the process, start-up
+    included) and ``ckpt`` (the last checkpoint)."""
+    cmd = [sys.executable, "-m", "smallgpt.cli.train", *args, "--out", str(out),
+           "--overwrite", "--set", f"threads={threads}", "--no-progress", "--no-plot"]
+    wall = _run_logged(cmd, out.with_name(out.name + ".log"), threads)
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if "step" in r]
+    final = next((r for r in reversed(recs) if r.get("final")), {})
+    tokens = max((int(r["tokens"]) for r in recs if "tokens" in r), default=0)
+    return {"steps": steps[-1]["step"] if steps else 0, "tokens": tokens,
+            "elapsed_s": final.get("elapsed_s"), "train_val_bpb": final.get("val_bpb"),
+            "wall_s": wall, "ckpt": str(out / "ckpt_latest.pt")}
+
+
+def eval_smallgpt(model: Path, data: Path, threads: int, log: Path) -> Dict[str, float]:
+    """The one evaluator of every comparison: ``smallgpt-train --eval-only`` in fp32 on every
+    token of ``data``'s validation split; returns ``val_loss``, ``val_bpb``, ``val_tokens``."""
+    cmd = [sys.executable, "-m", "smallgpt.cli.train", "--eval-only", "--init-from", str(model),
+           "--data", str(data), "--dtype", "float32", "--device", "cpu", "--no-progress",
+           "--set", f"threads={threads}"]
+    _run_logged(cmd, log, threads)
+    last = log.read_text(encoding="utf-8").strip().splitlines()[-1]
+    return json.loads(last)
+
+
+def parse_seeds(text: str) -> List[int]:
+    """``"1,2,3"`` → ``[1, 2, 3]`` (distinct non-negative integers)."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise SystemExit(f"--seeds: expected comma-separated integers, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise SystemExit(f"--seeds: expected distinct non-negative integers, got {text!r}")
+    return seeds
+
+
+def smallgpt_config(args: Sequence[str]) -> str:
+    """The configuration ``smallgpt-train ARGS`` would run (``--print-config``), checked before
+    any long run starts: a bad override exits here with smallgpt-train's one-line error."""
+    res = subprocess.run([sys.executable, "-m", "smallgpt.cli.train", *args, "--print-config"],
+                         capture_output=True, text=True, env=tree_env())
+    if res.returncode != 0:
+        err = (res.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SystemExit(f"smallgpt-train {' '.join(args)}: {err[:400]}")
+    return res.stdout

@@ -47,6 +47,10 @@ __all__ = [
 ]
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
+#: ``TrainConfig.head_dtype`` values.
+HEAD_DTYPES = ("same", "auto", "float32", "bfloat16")
+#: ``OptimSection.schedule`` values: the decay shapes of :mod:`smallgpt.train.schedule`.
+SCHEDULES = ("cosine", "wsd")
 BY_TIME = "by_time"
 
 
@@ -105,10 +109,12 @@ class OptimSection:
     above for embeddings, head, norms and biases. Both follow one schedule. ``embed_lr``
     (0: ``lr``) is the AdamW rate of the input embeddings when they are not tied to the head.
 
-    The LR warms up linearly over ``warmup_steps`` and then follows a cosine from ``lr`` to
-    ``min_lr``. Progress along the cosine is ``step / decay_steps`` (``decay_steps = 0``:
-    ``max_steps``); when ``max_time`` is set, progress is the larger of that and the fraction
-    of the training time used, so a time-limited run always finishes its decay.
+    The LR warms up linearly over ``warmup_steps`` and then follows ``schedule`` from ``lr``
+    to ``min_lr``: ``"cosine"``, or ``"wsd"`` (warmup-stable-decay: constant ``lr``, then a
+    linear decay over the last ``decay_fraction`` of the run). Progress is
+    ``step / decay_steps`` (``decay_steps = 0``: ``max_steps``); when ``max_time`` is set, it
+    is the larger of that and the fraction of the training time used, so a time-limited run
+    always finishes its decay.
     """
 
     name: str = "adamw"
@@ -117,6 +123,8 @@ class OptimSection:
     min_lr: float = 1e-4
     warmup_steps: int = 100
     decay_steps: int = 0
+    schedule: str = "cosine"
+    decay_fraction: float = 0.2
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -136,8 +144,11 @@ class TrainConfig:
     folder after the preset, config file or data folder. ``parallel``: ``"auto"`` (DDP when
     torchrun starts several processes), ``"none"``, ``"ddp"`` or ``"fsdp"`` (FSDP2).
     ``threads = 0`` picks one CPU thread per idle core (and ``--resume`` reuses the count the
-    run started with). ``init_from`` starts from a pretrained model (a Hugging Face GPT-2
-    folder, a run folder or a checkpoint file): its weights and shape, a fresh optimizer.
+    run started with). ``head_dtype``: the precision of the output head and loss in training:
+    ``"same"`` as the rest (``dtype``), ``"float32"``, ``"bfloat16"``, or ``"auto"`` (bf16
+    where the device has native bf16 units, else the same as the rest). ``init_from`` starts
+    from a pretrained model (a Hugging Face GPT-2 folder, a run folder or a checkpoint file):
+    its weights and shape, a fresh optimizer.
     """
 
     model: GPTConfig = field(default_factory=_default_model)
@@ -153,6 +164,7 @@ class TrainConfig:
     keep_last: int = 2
     device: str = "auto"
     dtype: str = "auto"
+    head_dtype: str = "same"
     parallel: str = "auto"
     compile: bool = False
     grad_checkpointing: bool = False
@@ -378,6 +390,10 @@ def validate(cfg: TrainConfig) -> None:
         (0 <= o.min_lr <= o.lr, f"optim.min_lr must be in [0, lr], got {o.min_lr}"),
         (o.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
         (o.decay_steps >= 0, "optim.decay_steps must be >= 0"),
+        (o.schedule in SCHEDULES,
+         f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {o.schedule!r}"),
+        (0 < o.decay_fraction <= 1,
+         f"optim.decay_fraction must be in (0, 1], got {o.decay_fraction}"),
         (o.weight_decay >= 0, "optim.weight_decay must be >= 0"),
         (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1/beta2 must be in [0, 1)"),
         (o.eps > 0, "optim.eps must be positive"),
@@ -390,6 +406,8 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.keep_last >= 0, "keep_last must be >= 0"),
         (cfg.dtype in ("auto", "float32", "bfloat16", "float16"),
          f"dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}"),
+        (cfg.head_dtype in HEAD_DTYPES,
+         f"head_dtype must be one of {', '.join(HEAD_DTYPES)}, got {cfg.head_dtype!r}"),
         (cfg.parallel in ("auto", "none", "ddp", "fsdp"),
          f"parallel must be auto, none, ddp or fsdp, got {cfg.parallel!r}"),
         (cfg.threads >= 0, "threads must be >= 0"),

@@ -15,6 +15,7 @@ loops themselves are in :mod:`smallgpt.generate`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -28,6 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from smallgpt.loss import chunked_cross_entropy
+
 __all__ = ["GPT", "GPTConfig", "KVCache"]
 
 _ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "relu2")
@@ -38,7 +41,7 @@ _SHAPE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")
 # (initialisation): everything else must be at its default for an export.
 _GPT2_EXPRESSED = {"vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dropout",
                    "layer_norm_eps", "tie_embeddings", "position", "bias", "activation",
-                   "rope_theta", "zero_init_proj"}
+                   "rope_theta", "zero_init_proj", "loss_chunk"}
 
 # Hugging Face `activation_function` names and the exact function each one computes.
 _HF_TO_ACT = {
@@ -75,6 +78,14 @@ class GPTConfig:
         logit_softcap: If positive, logits become ``cap * tanh(logits / cap)``.
         zero_init_proj: Initialise the attention and MLP output projections to zero, so every
             block starts as the identity.
+        value_embeds: Give the first ``value_embeds`` blocks a value embedding each
+            (modded-nanogpt): a token-embedding table of its own whose row for the current
+            token is mixed into the attention values, ``v = l0 * v + l1 * ve[token]``, with
+            ``(l0, l1)`` learned per block (starting at 0.5, 0.5). 0 = off.
+        loss_chunk: When positive, the training loss (``forward`` with targets) runs the head
+            and cross-entropy ``loss_chunk`` rows at a time (:mod:`smallgpt.loss`): the same
+            loss and gradients without the full ``(B*T, vocab_size)`` logits; ``forward``
+            then returns ``(None, loss)``. Memory and speed only; 0 = the plain path.
 
     Every option added after GPT-2 is off by default, so the defaults describe GPT-2 and
     such models export to Hugging Face.
@@ -97,6 +108,8 @@ class GPTConfig:
     qk_norm: bool = False
     logit_softcap: float = 0.0
     zero_init_proj: bool = False
+    value_embeds: int = 0
+    loss_chunk: int = 0
 
     def __post_init__(self) -> None:
         try:
@@ -137,6 +150,12 @@ class GPTConfig:
             raise ValueError(f"norm must be one of {_NORMS}, got {self.norm!r}")
         if not float(self.logit_softcap) >= 0.0:
             raise ValueError(f"logit_softcap must be >= 0 (0 = off), got {self.logit_softcap!r}")
+        for name, high in (("value_embeds", self.n_layer), ("loss_chunk", None)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0 or (
+                    high is not None and value > high):
+                limit = f"0 to n_layer ({high})" if high is not None else ">= 0"
+                raise ValueError(f"{name} must be an integer {limit} (0 = off), got {value!r}")
 
     def gpt2_incompatibilities(self) -> list[str]:
         """What a Hugging Face GPT-2 model cannot represent, one ``name = value`` phrase per
@@ -202,6 +221,7 @@ class BlockParams:
     fc_b: torch.Tensor | None
     p_w: torch.Tensor
     p_b: torch.Tensor | None
+    ve_lambda: torch.Tensor | None = None
 
 
 @dataclass
@@ -216,6 +236,7 @@ class DecodePlan:
     head: torch.Tensor
     rope_cos: torch.Tensor | None = None
     rope_sin: torch.Tensor | None = None
+    value_embeds: list[torch.Tensor] = dataclasses.field(default_factory=list)
 
 
 class KVCache:
@@ -404,6 +425,13 @@ def _attend_one(qkv: torch.Tensor, cfg: GPTConfig,
     return y.view(B, 1, -1)
 
 
+def _mix_values(qkv: torch.Tensor, ve: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """``qkv`` (``(..., 3C)``) with its values replaced by ``lam[0] * v + lam[1] * ve``."""
+    c = ve.shape[-1]
+    v = lam[0] * qkv[..., 2 * c :] + lam[1] * ve.to(qkv.dtype)
+    return torch.cat((qkv[..., : 2 * c], v), dim=-1)
+
+
 def block_forward(
     p: BlockParams,
     x: torch.Tensor,
@@ -413,6 +441,7 @@ def block_forward(
     layer: int = 0,
     dropout_p: float = 0.0,
     rows: RowPositions | None = None,
+    ve: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One pre-norm transformer block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
 
@@ -421,11 +450,15 @@ def block_forward(
     directly, since at one token per step a small model's time goes to per-op and per-module
     overhead, not arithmetic. ``dropout_p`` is applied to attention weights and to both
     residual branches (pass 0 outside training). ``rows``: one-token decoding of sequences
-    that stand at different positions (see :class:`RowPositions`).
+    that stand at different positions (see :class:`RowPositions`). ``ve`` is the block's value
+    embedding of the tokens (``(B, T, C)``, ``GPTConfig.value_embeds``), mixed into the values
+    before they are cached.
     """
     B, T, C = x.shape
     H, D = cfg.n_head, cfg.head_dim
     qkv = F.linear(_norm(x, p.ln1_w, p.ln1_b, cfg), p.qkv_w, p.qkv_b)
+    if ve is not None and p.ve_lambda is not None:
+        qkv = _mix_values(qkv, ve, p.ve_lambda)
     if cache is not None and T == 1:
         y = _attend_one(qkv.view(B, 3, H, D), cfg, rope, cache, layer, rows)
     else:
@@ -449,12 +482,15 @@ def _norm_module(cfg: GPTConfig) -> nn.Module:
 
 
 class CausalSelfAttention(nn.Module):
-    """The attention weights of a block: ``c_attn`` (q, k, v) and ``c_proj`` (output)."""
+    """The attention weights of a block: ``c_attn`` (q, k, v) and ``c_proj`` (output), and
+    with a value embedding the weights ``ve_lambda`` of its mix into the values."""
 
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, value_embed: bool = False) -> None:
         super().__init__()
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        if value_embed:
+            self.ve_lambda = nn.Parameter(torch.tensor([0.5, 0.5]))
 
 
 class MLP(nn.Module):
@@ -467,13 +503,15 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """A transformer block's parameters (GPT-2's names); the math is :func:`block_forward`."""
+    """A transformer block's parameters (GPT-2's names); the math is :func:`block_forward`.
+    ``layer`` is the block's index (the first ``config.value_embeds`` mix value embeddings
+    into their attention values)."""
 
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, layer: int = 0) -> None:
         super().__init__()
         self.config = config
         self.ln_1 = _norm_module(config)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer < config.value_embeds)
         self.ln_2 = _norm_module(config)
         self.mlp = MLP(config)
 
@@ -485,6 +523,7 @@ class Block(nn.Module):
             a.c_attn.weight, a.c_attn.bias, a.c_proj.weight, a.c_proj.bias,
             getattr(self.ln_2, "weight", None), getattr(self.ln_2, "bias", None),
             m.c_fc.weight, m.c_fc.bias, m.c_proj.weight, m.c_proj.bias,
+            getattr(a, "ve_lambda", None),
         )
 
     def forward(
@@ -493,9 +532,11 @@ class Block(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: KVCache | None = None,
         layer: int = 0,
+        ve: torch.Tensor | None = None,
     ) -> torch.Tensor:
         dropout = self.config.dropout if self.training else 0.0
-        return block_forward(self.params(), x, self.config, rope, cache, layer, dropout)
+        return block_forward(self.params(), x, self.config, rope, cache, layer, dropout,
+                             ve=ve)
 
 
 _HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
@@ -686,13 +727,19 @@ class GPT(nn.Module):
             raise ValueError("GPTConfig.vocab_size is 0 (not set); give the vocabulary size")
         self.config = config
         self.gradient_checkpointing = False
+        #: The dtype of the head and loss when ``forward`` gets targets (training): None = the
+        #: surrounding autocast (or none); set by the trainer from ``TrainConfig.head_dtype``.
+        self.head_dtype: torch.dtype | None = None
 
         modules: dict[str, nn.Module] = {
             "wte": nn.Embedding(config.vocab_size, config.n_embd),
             "drop": nn.Dropout(config.dropout),
-            "h": nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+            "h": nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
             "ln_f": _norm_module(config),
         }
+        if config.value_embeds:
+            modules["ve"] = nn.ModuleList(nn.Embedding(config.vocab_size, config.n_embd)
+                                          for _ in range(config.value_embeds))
         if config.position == "learned":
             modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         self.transformer = nn.ModuleDict(modules)
@@ -760,11 +807,13 @@ class GPT(nn.Module):
             x = self.transformer.drop(x)
 
         use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        ves = [table(idx) for table in self.transformer.ve] if self.config.value_embeds else []
         for i, block in enumerate(self.transformer.h):
+            ve = ves[i] if i < len(ves) else None
             if use_ckpt and cache is None:
-                x = checkpoint(block, x, rope, use_reentrant=False)
+                x = checkpoint(block, x, rope, None, i, ve, use_reentrant=False)
             else:
-                x = block(x, rope, cache, i)
+                x = block(x, rope, cache, i, ve)
         if cache is not None:
             cache.pos = start + T
         return self.transformer.ln_f(x)
@@ -775,7 +824,7 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         *,
         cache: KVCache | None = None,
-    ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    ) -> Union[torch.Tensor, tuple[torch.Tensor | None, torch.Tensor]]:
         """Logits for every position, and the loss when ``targets`` is given.
 
         Args:
@@ -785,16 +834,39 @@ class GPT(nn.Module):
                 :meth:`hidden_states`).
 
         Returns:
-            ``logits`` of shape ``(B, T, vocab_size)``, or ``(logits, loss)`` with targets.
+            ``logits`` of shape ``(B, T, vocab_size)``, or ``(logits, loss)`` with targets;
+            with ``config.loss_chunk`` set, ``(None, loss)`` (the logits are never formed).
+            With targets the head and loss run in ``self.head_dtype`` when it is set.
         """
         h = self.hidden_states(idx, cache)
-        logits = self._softcap(self.lm_head(h))
         if targets is None:
-            return logits
-        loss = F.cross_entropy(
-            logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1
-        )
+            return self._softcap(self.lm_head(h))
+        return self.head_loss(h, targets)
+
+    def head_loss(self, h: torch.Tensor,
+                  targets: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The training head and loss on final hidden states ``h`` (:meth:`hidden_states`):
+        ``(logits, loss)``, or ``(None, loss)`` with ``config.loss_chunk``; in
+        ``head_dtype`` when set. ``forward(idx, targets)`` is ``hidden_states`` then this."""
+        with self._head_precision(h):
+            if self.head_dtype == torch.float32:
+                h = h.float()
+            if self.config.loss_chunk > 0:
+                loss = chunked_cross_entropy(h, self.lm_head.weight, targets,
+                                             self.config.loss_chunk, self.config.logit_softcap)
+                return None, loss
+            logits = self._softcap(self.lm_head(h))
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(),
+                                   targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    def _head_precision(self, h: torch.Tensor) -> Any:
+        """Autocast for the head and loss: ``head_dtype``'s, or the caller's (None)."""
+        if self.head_dtype is None:
+            return contextlib.nullcontext()
+        if self.head_dtype == torch.float32:
+            return torch.autocast(h.device.type, enabled=False)
+        return torch.autocast(h.device.type, dtype=self.head_dtype)
 
     def _softcap(self, logits: torch.Tensor) -> torch.Tensor:
         cap = self.config.logit_softcap
@@ -835,7 +907,8 @@ class GPT(nn.Module):
             assert plan.rope_cos is not None and plan.rope_sin is not None
             rope = (plan.rope_cos[pos], plan.rope_sin[pos])
         for i, layer in enumerate(plan.layers):
-            x = block_forward(layer, x, cfg, rope, cache, i)
+            ve = F.embedding(idx, plan.value_embeds[i]) if i < len(plan.value_embeds) else None
+            x = block_forward(layer, x, cfg, rope, cache, i, 0.0, ve=ve)
         cache.pos = pos + 1
         x = _norm(x[:, 0], plan.lnf_w, plan.lnf_b, cfg)
         return self._softcap(F.linear(x, plan.head))
@@ -859,7 +932,8 @@ class GPT(nn.Module):
             assert plan.rope_cos is not None and plan.rope_sin is not None
             rope = (plan.rope_cos[rows.pos][:, None, None], plan.rope_sin[rows.pos][:, None, None])
         for i, layer in enumerate(plan.layers):
-            x = block_forward(layer, x, cfg, rope, cache, i, rows=rows)
+            ve = F.embedding(idx, plan.value_embeds[i]) if i < len(plan.value_embeds) else None
+            x = block_forward(layer, x, cfg, rope, cache, i, rows=rows, ve=ve)
         x = _norm(x[:, 0], plan.lnf_w, plan.lnf_b, cfg)
         return self._softcap(F.linear(x, plan.head))
 
@@ -874,9 +948,10 @@ class GPT(nn.Module):
         t = self.transformer
         wpe = t.wpe.weight if self.config.position == "learned" else None
         rope = (self.rope_cos, self.rope_sin) if wpe is None else (None, None)
+        ves = [table.weight for table in t.ve] if self.config.value_embeds else []
         return DecodePlan(t.wte.weight, wpe, [b.params() for b in t.h],
                           getattr(t.ln_f, "weight", None), getattr(t.ln_f, "bias", None),
-                          self.lm_head.weight, *rope)
+                          self.lm_head.weight, *rope, value_embeds=ves)
 
     def new_cache(
         self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None
@@ -893,13 +968,15 @@ class GPT(nn.Module):
         """Number of parameters.
 
         With ``non_embedding=True`` (default) the lookup-only tables are left out: the position
-        embedding, and the token embedding when the head is untied. A tied token embedding is
-        counted because it does the output projection's work.
+        embedding, the value embeddings, and the token embedding when the head is untied. A
+        tied token embedding is counted because it does the output projection's work.
         """
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
             if self.config.position == "learned":
                 n -= self.transformer.wpe.weight.numel()
+            if self.config.value_embeds:
+                n -= sum(t.weight.numel() for t in self.transformer.ve)
             if not self.config.tie_embeddings:
                 n -= self.transformer.wte.weight.numel()
         return n

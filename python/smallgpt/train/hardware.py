@@ -26,6 +26,7 @@ __all__ = [
     "peak_flops",
     "resolve_device",
     "resolve_dtype",
+    "resolve_head_dtype",
 ]
 
 
@@ -255,3 +256,23 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         raise HardwareError(f"float16 is supported on cuda and cpu, not {device.type}; use "
                             "bfloat16 or float32")
     return _DTYPES[name]
+
+
+def resolve_head_dtype(name: str, device: torch.device,
+                       run_dtype: torch.dtype) -> Optional[torch.dtype]:
+    """The dtype of the training head and loss (``TrainConfig.head_dtype``), or None for the
+    run's own (``"same"``, and ``"auto"`` where it would not differ).
+
+    ``"auto"``: bf16 where the device has native bf16 (CUDA with bf16, CPUs with AMX or
+    AVX512-BF16), else the run's. ``"float32"`` / ``"bfloat16"``: that dtype.
+    """
+    if name == "same":
+        return None
+    if name == "auto":
+        native = torch.cuda.is_bf16_supported() if device.type == "cuda" else (
+            device.type == "cpu" and cpu_supports_fast_bf16())
+        return torch.bfloat16 if native and run_dtype != torch.bfloat16 else None
+    if name not in ("float32", "bfloat16"):
+        raise HardwareError(f"unknown head dtype {name!r} (use same, auto, float32, bfloat16)")
+    wanted = _DTYPES[name]
+    return None if wanted == run_dtype else wanted

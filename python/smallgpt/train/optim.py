@@ -39,11 +39,13 @@ def configure_optimizer(
 
 
 def _input_embeddings(model: torch.nn.Module) -> set:
-    """Parameters that are only looked up (token embedding when untied, position table)."""
+    """Parameters that are only looked up (token embedding when untied, position table,
+    value embeddings)."""
     head = getattr(getattr(model, "lm_head", None), "weight", None)
     found = set()
     for name, p in model.named_parameters():
-        if name.endswith(("wte.weight", "wpe.weight")) and p is not head:
+        lookup = name.endswith(("wte.weight", "wpe.weight")) or ".ve." in f".{name}"
+        if lookup and p is not head:
             found.add(id(p))
     return found
 

@@ -51,6 +51,7 @@ from smallgpt.train.hardware import (
     peak_flops,
     resolve_device,
     resolve_dtype,
+    resolve_head_dtype,
 )
 from smallgpt.train.metrics import MetricsLogger
 from smallgpt.train.optim import build_optimizers, set_lr
@@ -169,6 +170,7 @@ class Trainer:
                 self.run.prepare_new_run(overwrite)
             self.dist.barrier()
         self.model.gradient_checkpointing = cfg.grad_checkpointing
+        self.model.head_dtype = resolve_head_dtype(cfg.head_dtype, self.device, self.dtype)
         wrapped = wrap_model(self.model, self.dist) if self.dist.mode == "fsdp" else self.model
         self.optimizers = [] if self.eval_only else \
             build_optimizers(self.model, cfg.optim, self.device)
@@ -188,8 +190,9 @@ class Trainer:
         self.eval_module = compiled
         self.train_module = wrap_model(compiled, self.dist) if self.dist.mode == "ddp" \
             else compiled
-        self.schedule = Schedule(cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps,
-                                 cfg.optim.decay_steps or cfg.max_steps, cfg.max_time)
+        o = cfg.optim
+        self.schedule = Schedule(o.lr, o.min_lr, o.warmup_steps, o.decay_steps or cfg.max_steps,
+                                 cfg.max_time, o.schedule, o.decay_fraction)
         self.tokens_per_step = cfg.data.batch_size * self.seq_len
         self.flops_per_token = self.model.flops_per_token(self.seq_len)
         self.peak = peak_flops(self.device, self.dtype) * self.dist.world_size
@@ -744,7 +747,10 @@ class Trainer:
             f"{self.cfg.data.batch_size} x {self.seq_len} = {self.tokens_per_step:,} tokens/step "
             f"({micro} per micro-step x {self.dist.world_size} process(es) x {accum} "
             f"accumulation step(s)); device "
-            f"{self.device}, {str(self.dtype).replace('torch.', '')}, {self.threads} CPU "
+            f"{self.device}, {str(self.dtype).replace('torch.', '')}"
+            + (f" (head and loss {str(self.model.head_dtype).replace('torch.', '')})"
+               if self.model.head_dtype is not None else "")
+            + f", {self.threads} CPU "
             f"thread(s), parallel {self.dist.mode}; data {self.data.folder}; out "
             f"{self.run.path}", True)
 
