@@ -37,7 +37,8 @@ def gpt2_tokenizer() -> Any:
     return Tokenizer.from_gpt2(FIXTURES / "gpt2" / "encoder.json", FIXTURES / "gpt2" / "vocab.bpe")
 
 
-def tiny_model(position: str = "rope", seed: int = 0, block_size: int = 64) -> Any:
+def tiny_model(position: str = "rope", seed: int = 0, block_size: int = 64,
+               **options: Any) -> Any:
     """A random 2-layer GPT (GPT-2's vocabulary padded to 50304) whose head is scaled up, so
     that its next-token distributions are peaked: greedy decoding then never meets a near-tie
     that rounding could flip."""
@@ -47,7 +48,7 @@ def tiny_model(position: str = "rope", seed: int = 0, block_size: int = 64) -> A
 
     torch.manual_seed(seed)
     cfg = GPTConfig(vocab_size=50304, block_size=block_size, n_layer=2, n_head=2, n_embd=32,
-                    position=position, tie_embeddings=False)
+                    position=position, tie_embeddings=False, **options)
     model = GPT(cfg).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(30.0)

@@ -62,10 +62,10 @@ def run(model, tok, reqs: list, max_batch: int = 32) -> tuple:  # type: ignore[n
         engine.stop()
 
 
-@pytest.mark.parametrize("position", ["rope", "learned"])
-def test_decode_step_at_row_positions_equals_forward(position: str) -> None:
+@pytest.mark.parametrize("position, value_embeds", [("rope", 0), ("learned", 0), ("rope", 1)])
+def test_decode_step_at_row_positions_equals_forward(position: str, value_embeds: int) -> None:
     torch.manual_seed(0)
-    model = tiny_model(position, block_size=32)
+    model = tiny_model(position, block_size=32, value_embeds=value_embeds)
     lens = [3, 9, 1, 14]
     seqs = [torch.randint(0, 500, (n + 4,)) for n in lens]
     cache = model.new_cache(6, 32)

@@ -123,6 +123,18 @@ pub(crate) fn open_text(path: &Path, errors: Utf8Errors) -> Result<FileText> {
         });
     }
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    // A file truncated or rewritten while it was read may read as anything (zeros where a
+    // truncation raced the read): such a read is refused rather than encoded.
+    let after = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if after.len() != kind.len()
+        || after.len() != bytes.len() as u64
+        || after.modified().ok() != kind.modified().ok()
+    {
+        return Err(Error::Io {
+            path: path.to_path_buf(),
+            message: "changed while it was being read; run again once it no longer changes".into(),
+        });
+    }
     let text = match String::from_utf8(bytes) {
         Ok(s) => s,
         Err(e) => match errors {
