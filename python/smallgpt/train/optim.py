@@ -1,7 +1,7 @@
 """Optimizers and their parameter groups.
 
 ``optim.name = "adamw"``: AdamW for everything, weight decay on matrices only (linear weights
-and embeddings; not on biases and norm gains), the fused kernel on CUDA.
+and embeddings; not on biases and norm gains), torch's fused kernel on CUDA and CPU.
 
 ``optim.name = "muon"``: Muon (momentum, then Newton–Schulz orthogonalisation of the update)
 for the 2-D weight matrices inside the transformer blocks, AdamW for the rest (embeddings,
@@ -65,7 +65,9 @@ def _adamw(model: torch.nn.Module, params: List[torch.nn.Parameter], lr: float,
     kwargs: Dict[str, Any] = {"lr": lr, "betas": betas, "eps": eps}
     for g in groups:
         g["lr"] = g["base_lr"]
-    if device.type == "cuda":
+    if device.type in ("cuda", "cpu"):
+        # One kernel per step instead of a dozen passes over the parameters: on a CPU the
+        # AdamW step over GPT-2's 50k x C embedding costs a third of the foreach one.
         kwargs["fused"] = True
     return torch.optim.AdamW([g for g in groups if g["params"]], **kwargs)
 
