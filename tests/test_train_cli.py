@@ -296,9 +296,9 @@ def _free_port() -> int:
 
 
 def _two_nodes(args: List[str], cwds: List[Path]) -> None:
-    """README's multi-node command with 2 nodes of 1 process each, both on this machine:
-    static rendezvous at 127.0.0.1, node 0 (global rank 0) in ``cwds[0]``, node 1 in
-    ``cwds[1]``, as two machines with their own disks would run it."""
+    """The multi-node command of docs/distributed.md with 2 nodes of 1 process each, both on
+    this machine: static rendezvous at 127.0.0.1, node 0 (global rank 0) in ``cwds[0]``, node
+    1 in ``cwds[1]``, as two machines with their own disks would run it."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (PKG_ROOT, env.get("PYTHONPATH")) if p)
     env["OMP_NUM_THREADS"] = "1"
