@@ -253,6 +253,7 @@ smallgpt-serve() {  # in the background, returning once /health answers
         case $a in --port=*) port=${a#--port=} ;; esac
         prev=$a
     done
+    command -v curl >/dev/null || { echo "docs examples: serving needs curl"; return 1; }
     if curl -s "http://127.0.0.1:$port/health" >/dev/null 2>&1; then
         echo "docs examples: port $port is already in use"; return 1
     fi
