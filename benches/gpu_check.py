@@ -103,7 +103,7 @@ def find_wheel(given: Optional[Path]) -> Path:
     if not wheels:
         raise SystemExit("gpu_check: error: no wheel in wheelhouse/: on a machine with Rust, "
                          "run `maturin build --release --out wheelhouse` in the checkout "
-                         "first (README, 'Checking a GPU machine')")
+                         "first (docs/distributed.md, 'Checking a GPU machine')")
     return wheels[-1]
 
 

@@ -11,8 +11,9 @@ appends one *run block* to ``benches/RESULTS.md`` through :func:`append_run`. A 
     <body: tables and notes written by the bench>
 
 Blocks are only ever appended: a correction is a new run. The newest block of each
-``(bench, title)`` is the current figure (``docs/results.md`` is generated from those by
-``benches/results_page.py``); older ones are kept as the record.
+``(bench, title)`` is the current figure (the documentation's results page, ``docs/results.md``,
+is generated from those by ``docs/hooks.py`` when the site is built); older ones are kept as
+the record.
 
 For the measurements themselves: :func:`timed_passes` times repeated calls in this process the
 way ``timeit`` does, and :func:`run_measured` runs a command in a fresh process and reports its

@@ -115,6 +115,31 @@ def test_print_config_layers(capsys: pytest.CaptureFixture, tmp_path: Path) -> N
     assert "lr = 0.5" in out and "seed = 9" in out and 'out = "out/c"' in out
 
 
+def test_max_steps_env_caps_each_run_past_its_start(tmp_path: Path, data_dir: Path,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    """$SMALLGPT_MAX_STEPS (how the documentation's examples run in seconds): at most N steps
+    past where a run starts, a resume included, written into the config it runs."""
+    monkeypatch.setenv("SMALLGPT_MAX_STEPS", "3")
+    assert main(["--max-steps", "100", "--max-time", "0", "--print-config"]) == 0
+    assert "max_steps = 3\n" in capsys.readouterr().out
+    assert main(["--print-config"]) == 0  # the quickstart: no step limit, 32 s
+    assert "max_steps = 3\n" in capsys.readouterr().out
+    assert main(["--max-steps", "2", "--print-config"]) == 0  # a lower limit stays
+    assert "max_steps = 2\n" in capsys.readouterr().out
+    out = tmp_path / "run"
+    res = run_cli(["--data", str(data_dir), "--out", str(out), "--max-steps", "50", *TINY])
+    assert res.returncode == 0, res.stderr
+    assert json.loads((out / "config.json").read_text())["max_steps"] == 3
+    res = run_cli(["--resume", "--out", str(out), "--max-steps", "50"])
+    assert res.returncode == 0, res.stderr
+    assert torch.load(out / "ckpt_latest.pt", weights_only=True)["step"] == 6
+    for bad in ("0", "ten"):
+        monkeypatch.setenv("SMALLGPT_MAX_STEPS", bad)
+        assert_one_line_error(run_cli(["--print-config"]), "$SMALLGPT_MAX_STEPS must be a "
+                              f"positive integer, got '{bad}'")
+
+
 def test_train_then_resume(tmp_path: Path, data_dir: Path) -> None:
     out = tmp_path / "run"
     res = run_cli(["--data", str(data_dir), "--out", str(out), "--max-steps", "4", *TINY])
@@ -296,9 +321,9 @@ def _free_port() -> int:
 
 
 def _two_nodes(args: List[str], cwds: List[Path]) -> None:
-    """README's multi-node command with 2 nodes of 1 process each, both on this machine:
-    static rendezvous at 127.0.0.1, node 0 (global rank 0) in ``cwds[0]``, node 1 in
-    ``cwds[1]``, as two machines with their own disks would run it."""
+    """The multi-node command of docs/distributed.md with 2 nodes of 1 process each, both on
+    this machine: static rendezvous at 127.0.0.1, node 0 (global rank 0) in ``cwds[0]``, node
+    1 in ``cwds[1]``, as two machines with their own disks would run it."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (PKG_ROOT, env.get("PYTHONPATH")) if p)
     env["OMP_NUM_THREADS"] = "1"

@@ -66,24 +66,33 @@ def _default_model() -> GPTConfig:
 
 @dataclass
 class DataSection:
-    """Where batches come from, and how many per optimizer step.
+    """Where batches come from, and how many per optimizer step (the ``[data]`` section).
 
-    ``path = ""`` means the bundled Tiny Shakespeare, tokenized on first use into
-    ``cache_dir`` (default ``~/.cache/smallgpt``) with a BPE of ``quickstart_vocab`` tokens.
-
-    ``batch_size`` is the **global** batch: sequences per optimizer step, over all processes
-    and micro-steps (tokens per step = ``batch_size * model.block_size``, whatever the number
-    of GPUs). ``micro_batch_size`` is the sequences one process runs through one
-    forward/backward pass (0: ``batch_size / world_size``, no accumulation); accumulation is
-    ``batch_size / (micro_batch_size * world_size)`` and must divide evenly.
-
-    ``seq_len`` is the length of the training and evaluation windows (0: ``model.block_size``;
-    shorter windows train a long-context model, e.g. a pretrained GPT-2, on less memory).
-
-    ``model.vocab_size = 0`` takes the vocabulary size from the data folder, rounded up to a
-    multiple of ``vocab_multiple`` (faster matmuls). Evaluations read the first
-    ``eval_tokens`` tokens of the validation split (0: all of it), always the same tokens; the
-    final evaluation reads the whole split when ``final_eval_full`` is true.
+    Attributes:
+        path: Shard folder (``smallgpt-tokenize``'s output, or llm.c's ``*.bin`` shards).
+            ``""`` means the bundled Tiny Shakespeare, tokenized on first use into
+            ``cache_dir``.
+        cache_dir: Where the bundled Tiny Shakespeare's shards are cached (``""``:
+            ``$SMALLGPT_CACHE``, else ``~/.cache/smallgpt``).
+        quickstart_vocab: Vocabulary size of the BPE trained on Tiny Shakespeare when
+            ``path = ""`` (at least 257).
+        batch_size: The **global** batch: sequences per optimizer step, over all processes
+            and micro-steps (tokens per step = ``batch_size * seq_len``, whatever the number
+            of GPUs).
+        micro_batch_size: Sequences one process runs through one forward/backward pass (0:
+            ``batch_size / processes``, no accumulation). Accumulation is
+            ``batch_size / (micro_batch_size * processes)`` and must divide evenly.
+        seq_len: Length of the training and evaluation windows (0: ``model.block_size``;
+            shorter windows train a long-context model, e.g. a pretrained GPT-2, on less
+            memory).
+        vocab_multiple: ``model.vocab_size = 0`` takes the vocabulary size from the data
+            folder, rounded up to a multiple of this (faster matmuls).
+        sampling: ``"random"`` (random windows) or ``"sequential"`` (passes over the data in
+            order).
+        eval_tokens: Evaluations during the run read the first ``eval_tokens`` tokens of the
+            validation split, always the same ones (0: all of it).
+        final_eval_full: The final evaluation reads the whole validation split.
+        eval_batch_size: Windows per evaluation forward pass (0: ``micro_batch_size``).
     """
 
     path: str = ""
@@ -101,20 +110,35 @@ class DataSection:
 
 @dataclass
 class OptimSection:
-    """Optimizer, warmup + cosine schedule, clipping.
+    """Optimizer, learning-rate schedule and clipping (the ``[optim]`` section).
 
-    ``name = "adamw"``: AdamW (``lr``, ``weight_decay``, ``beta1``, ``beta2``, ``eps``) for
-    every parameter. ``name = "muon"``: Muon (``muon_lr``, ``muon_momentum``,
-    ``muon_weight_decay``) for the 2-D weights inside the blocks and AdamW with the settings
-    above for embeddings, head, norms and biases. Both follow one schedule. ``embed_lr``
-    (0: ``lr``) is the AdamW rate of the input embeddings when they are not tied to the head.
+    Both optimizers follow one schedule: a linear warmup over ``warmup_steps``, then
+    ``schedule`` from ``lr`` to ``min_lr``, every group's rate scaled by the same factor.
+    Progress is ``step / decay_steps``; when ``max_time`` is set, it is the larger of that and
+    the fraction of the training time used, so a time-limited run always finishes its decay.
 
-    The LR warms up linearly over ``warmup_steps`` and then follows ``schedule`` from ``lr``
-    to ``min_lr``: ``"cosine"``, or ``"wsd"`` (warmup-stable-decay: constant ``lr``, then a
-    linear decay over the last ``decay_fraction`` of the run). Progress is
-    ``step / decay_steps`` (``decay_steps = 0``: ``max_steps``); when ``max_time`` is set, it
-    is the larger of that and the fraction of the training time used, so a time-limited run
-    always finishes its decay.
+    Attributes:
+        name: ``"adamw"``: AdamW for every parameter. ``"muon"``: Muon for the 2-D weights
+            inside the blocks, AdamW (the settings below) for embeddings, head, norms and
+            biases.
+        lr: Peak AdamW learning rate.
+        embed_lr: AdamW rate of the input embeddings when they are not tied to the head
+            (0: ``lr``).
+        min_lr: The rate at the end of the decay (at most ``lr``).
+        warmup_steps: Steps of linear warmup from 0 to the peak rates.
+        decay_steps: The step at which the decay reaches ``min_lr`` (0: ``max_steps``).
+        schedule: ``"cosine"``, or ``"wsd"`` (warmup-stable-decay: the peak rate, then a
+            linear decay over the last ``decay_fraction`` of the run).
+        decay_fraction: The share of the run that ``schedule = "wsd"`` spends decaying.
+        weight_decay: AdamW's decoupled weight decay, on matrices only (not on biases and
+            norm gains).
+        beta1: AdamW's first-moment coefficient.
+        beta2: AdamW's second-moment coefficient.
+        eps: AdamW's epsilon.
+        grad_clip: Clip the global gradient norm to this (0: no clipping).
+        muon_lr: Peak Muon learning rate (``name = "muon"``).
+        muon_momentum: Muon's momentum.
+        muon_weight_decay: Muon's decoupled weight decay.
     """
 
     name: str = "adamw"
@@ -137,18 +161,49 @@ class OptimSection:
 
 @dataclass
 class TrainConfig:
-    """Everything a training run needs; serialised into every checkpoint.
+    """Everything a training run needs; serialised into every checkpoint (top-level keys).
 
-    ``model`` is a :class:`smallgpt.model.GPTConfig` itself: the ``[model]`` section takes
-    its fields, defaults and validation. ``out = ""`` lets the command line name the run
-    folder after the preset, config file or data folder. ``parallel``: ``"auto"`` (DDP when
-    torchrun starts several processes), ``"none"``, ``"ddp"`` or ``"fsdp"`` (FSDP2).
-    ``threads = 0`` picks one CPU thread per idle core (and ``--resume`` reuses the count the
-    run started with). ``head_dtype``: the precision of the output head and loss in training:
-    ``"same"`` as the rest (``dtype``), ``"float32"``, ``"bfloat16"``, or ``"auto"`` (bf16
-    where the device has native bf16 units, else the same as the rest). ``init_from`` starts
-    from a pretrained model (a Hugging Face GPT-2 folder, a run folder or a checkpoint file):
-    its weights and shape, a fresh optimizer.
+    Attributes:
+        model: The ``[model]`` section: a :class:`smallgpt.model.GPTConfig` itself (its
+            fields, defaults and validation), except that ``vocab_size = 0`` takes the
+            vocabulary from the data.
+        data: The ``[data]`` section: where batches come from, and how many per optimizer
+            step.
+        optim: The ``[optim]`` section: optimizer, learning-rate schedule and clipping.
+        out: Run folder (``""``: named by the command line after the config file, the data
+            folder or the preset).
+        init_from: Start from a pretrained model (a Hugging Face GPT-2 folder, a run folder
+            or a checkpoint file): its weights and shape, a fresh optimizer and schedule.
+        max_steps: Stop after this many optimizer steps (0: no step limit).
+        max_time: Stop after this many seconds, final evaluation and checkpoint included,
+            resumes counted (0: no time limit).
+        eval_interval: Evaluate every N steps (0: only at the end).
+        log_interval: Write a ``metrics.jsonl`` record every N steps.
+        save_interval: Write a checkpoint every N steps (0: only at the end and on Ctrl-C or
+            SIGTERM).
+        keep_last: Numbered checkpoints ``ckpt_NNNNNNN.pt`` to keep (0: only
+            ``ckpt_latest.pt``).
+        device: ``"auto"`` (CUDA if available, else the CPU), ``"cpu"``, ``"cuda"``,
+            ``"cuda:N"``, ``"mps"``.
+        dtype: Autocast precision: ``"auto"`` (bf16 on CUDA GPUs with bf16 and on CPUs with
+            native bf16, fp16 with a GradScaler on older GPUs, else fp32), ``"float32"``,
+            ``"bfloat16"``, ``"float16"``. Master weights are always fp32.
+        head_dtype: Precision of the output head and loss in training: ``"same"`` as
+            ``dtype``, ``"float32"``, ``"bfloat16"``, or ``"auto"`` (bf16 where the device
+            has native bf16 units, else the same as the rest).
+        parallel: ``"auto"`` (DDP when torchrun starts several processes), ``"none"``,
+            ``"ddp"`` or ``"fsdp"`` (FSDP2).
+        compile: Wrap the model in ``torch.compile``.
+        grad_checkpointing: Recompute activations in the backward pass (less memory).
+        threads: CPU intra-op threads (0: one per core that is idle when the run starts;
+            ``--resume`` reuses the count the run started with).
+        seed: Random seed (the initial weights; each process's dropout and data draws
+            follow from it).
+        tensorboard: Also log to ``<out>/tensorboard``.
+        wandb: Weights & Biases project to log to (``""``: none).
+        trackio: trackio project to log to (``""``: none).
+        progress: Show a progress bar (on a terminal) and per-step lines.
+        plot: Draw ``loss_curve.png`` at the end (needs matplotlib).
     """
 
     model: GPTConfig = field(default_factory=_default_model)

@@ -65,8 +65,9 @@ class GPTConfig:
         n_embd: Width of the residual stream.
         dropout: Dropout probability on embeddings, attention weights and residual branches.
         bias: Whether Linear and LayerNorm layers have a bias (GPT-2: True).
-        activation: Feed-forward non-linearity: ``"relu"``, ``"gelu"`` (exact) or
-            ``"gelu_tanh"`` (GPT-2's tanh approximation).
+        activation: Feed-forward non-linearity: ``"relu"``, ``"gelu"`` (exact),
+            ``"gelu_tanh"`` (GPT-2's tanh approximation) or ``"relu2"`` (ReLU squared,
+            modded-nanogpt).
         tie_embeddings: Share the output head's weight with the token embedding.
         position: ``"learned"`` absolute position embeddings or ``"rope"`` rotary embeddings.
         rope_theta: Base of the rotary frequencies (``position="rope"`` only).

@@ -7,6 +7,10 @@ Shakespeare (tokenized on first use into ``~/.cache/smallgpt``), writing to
 Any config field can be overridden as ``--section.key VALUE`` (``--model.n_layer 4``,
 ``--optim.lr=3e-3``) or ``--set key=value`` (``--set max_time=60``); unknown keys are an
 error that lists the valid ones.
+
+``$SMALLGPT_MAX_STEPS=N`` caps every run at N optimizer steps past where it starts (a resume
+goes N steps further): the test suite runs the documentation's training commands with it, so
+that each finishes in seconds.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from typing import TYPE_CHECKING, Dict, List, NoReturn, Optional, Sequence, Tuple
 
@@ -22,6 +27,8 @@ if TYPE_CHECKING:
 
 PROG = "smallgpt-train"
 DEFAULT_PRESET = "shakespeare-cpu"
+#: The environment variable that caps a run's steps (see the module docstring).
+MAX_STEPS_ENV = "SMALLGPT_MAX_STEPS"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -196,9 +203,28 @@ def resolve_config(args: argparse.Namespace,
         cfg = config_from_dict(ckpt.train_config)
         apply_overrides(cfg, overrides)
         cfg.out = out
+        _cap_steps(cfg, ckpt.step)
         return cfg, True
     cfg.out = out
+    _cap_steps(cfg, 0)
     return cfg, False
+
+
+def _cap_steps(cfg: TrainConfig, start: int) -> None:
+    """``$SMALLGPT_MAX_STEPS=N``: at most N steps past ``start`` (``max_steps`` lowered, so
+    the schedule and ``config.json`` say what runs)."""
+    from smallgpt.config import ConfigError
+
+    raw = os.environ.get(MAX_STEPS_ENV, "").strip()
+    if not raw:
+        return
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ConfigError(f"${MAX_STEPS_ENV} must be a positive integer, got {raw!r}")
+    cfg.max_steps = start + n if cfg.max_steps <= 0 else min(cfg.max_steps, start + n)
 
 
 def _note_limits(args: argparse.Namespace, cfg: TrainConfig) -> None:
